@@ -1,0 +1,92 @@
+"""Multi-head latent attention (SPEC section 3), training / prefill path.
+
+Query: `q = q_b_proj(RMSNorm(q_a_proj(x)))` (or `q_proj(x)` when q_lora_rank is 0), per head
+`[nope | rope]`. Keys and values come from one compressed latent: `kv_a_proj_with_mqa(x)` gives
+`c_kv` (normed) and ONE roped key part `k_pe` shared by all heads; `kv_b_proj` expands `c_kv`
+into per-head `[k_nope | v]`. Scores and softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.linear import einsum, param
+from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.layers.rope import apply_rope
+
+
+class MLA(nnx.Module):
+    """Multi-head latent attention with decoupled RoPE."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.cfg = cfg
+        self.dtype = dtype
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        std = cfg.initializer_range
+        if cfg.q_lora_rank:
+            self.q_a_proj = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"),
+                                  dtype=param_dtype, std=std)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps, axis_name="q_lora",
+                                         param_dtype=param_dtype)
+            self.q_b_proj = param(rngs, (cfg.q_lora_rank, H, cfg.qk_head_dim),
+                                  ("q_lora", "heads", "head_dim"), dtype=param_dtype, std=std)
+        else:
+            self.q_proj = param(rngs, (D, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"),
+                                dtype=param_dtype, std=std)
+        self.kv_a_proj_with_mqa = param(rngs, (D, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                                        ("embed", "kv_lora"), dtype=param_dtype, std=std)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps, axis_name="kv_lora",
+                                      param_dtype=param_dtype)
+        self.kv_b_proj = param(rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                               ("kv_lora", "heads", "head_dim"), dtype=param_dtype, std=std)
+        self.o_proj = param(rngs, (H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"),
+                            dtype=param_dtype, std=std)
+        self.softmax_scale = cfg.qk_head_dim ** -0.5 * cfg.yarn_mscale() ** 2
+
+    def query(self, x: Float[Array, "batch seq embed"], cos, sin
+              ) -> tuple[Float[Array, "batch seq heads nope"], Float[Array, "batch seq heads rope"]]:
+        """Per-head query split into its position-free part and its roped part."""
+        if self.cfg.q_lora_rank:
+            c_q = self.q_a_layernorm(einsum("bsd,dr->bsr", x, self.q_a_proj[...], self.dtype))
+            q = einsum("bsr,rhk->bshk", c_q, self.q_b_proj[...], self.dtype)
+        else:
+            q = einsum("bsd,dhk->bshk", x, self.q_proj[...], self.dtype)
+        nope = self.cfg.qk_nope_head_dim
+        return q[..., :nope], apply_rope(q[..., nope:], cos, sin)
+
+    def latent(self, x: Float[Array, "batch seq embed"], cos, sin
+               ) -> tuple[Float[Array, "batch seq kv_lora"], Float[Array, "batch seq rope"]]:
+        """The cacheable part: normed latent `c_kv` and the roped shared key `k_pe`."""
+        kv = einsum("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...], self.dtype)
+        r = self.cfg.kv_lora_rank
+        return self.kv_a_layernorm(kv[..., :r]), apply_rope(kv[..., r:], cos, sin)
+
+    def __call__(self, x: Float[Array, "batch seq embed"], cos: Float[Array, "batch seq half"],
+                 sin: Float[Array, "batch seq half"],
+                 mask: Float[Array, "batch 1 seq seq"] | None = None) -> Float[Array, "batch seq embed"]:
+        """Causal self-attention over the sequence (the training / prefill path)."""
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        kv = einsum("bsc,chk->bshk", c_kv, self.kv_b_proj[...], self.dtype)
+        k_nope, v = kv[..., :self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
+        f32 = jnp.float32
+        scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
+                  + jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=f32))
+        scores = scores * self.softmax_scale
+        if mask is None:
+            seq = x.shape[1]
+            mask = causal_mask(seq)[None, None]
+        scores = jnp.where(mask, scores, jnp.finfo(f32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=f32).astype(self.dtype)
+        return einsum("bqhd,hde->bqe", o, self.o_proj[...], self.dtype)
+
+
+def causal_mask(seq: int) -> jax.Array:
+    """[seq, seq] boolean mask, True where query i may attend to key j <= i."""
+    return jnp.tril(jnp.ones((seq, seq), bool))

@@ -1,0 +1,167 @@
+"""DeepSeekMoE (SPEC section 5): shared experts plus fine-grained routed experts.
+
+The gate chooses experts in fp32: V3 scores with a sigmoid and chooses on `score + bias`
+(the auxiliary-loss-free bias, used for choice only), limited to the best `topk_group` groups
+(group score = sum of its top-2); V2 scores with a softmax and chooses greedily (group score =
+group max under `group_limited_greedy`). Routed experts run as a grouped matmul over the
+(token, expert) rows; a dispatcher moves those rows to the experts and back, so expert
+parallelism (sharding/expert_parallel.py) plugs in without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import grouped_matmul as gm
+from dsv3_jax.layers.linear import param
+from dsv3_jax.layers.mlp import MLP
+
+
+class RoutingBias(nnx.Variable):
+    """The e_score_correction_bias: fp32, no gradient, updated by the balancing rule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The gate's decision for T tokens."""
+
+    experts: Int[Array, "tokens k"]
+    weights: Float[Array, "tokens k"]   # fp32, already normalised / scaled
+    scores: Float[Array, "tokens experts"]  # fp32 sigmoid or softmax scores (unbiased)
+
+
+class Gate(nnx.Module):
+    """Top-k expert choice, V3 (sigmoid, noaux_tc) or V2 (softmax, greedy)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.cfg = cfg
+        self.weight = param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "router"),
+                            dtype=param_dtype, std=cfg.initializer_range)
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = RoutingBias(
+                jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("router",))
+
+    def __call__(self, x: Float[Array, "tokens embed"]) -> Routing:
+        cfg = self.cfg
+        logits = jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
+        if cfg.scoring_func == "sigmoid":
+            scores = jax.nn.sigmoid(logits)
+        else:
+            scores = jax.nn.softmax(logits, axis=-1)
+        choice = scores
+        if cfg.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias[...]
+        if cfg.n_group > 1 and cfg.topk_method in ("noaux_tc", "group_limited_greedy"):
+            t, e = choice.shape
+            grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
+            if cfg.topk_method == "noaux_tc":
+                group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+            else:
+                group_score = grouped.max(-1)
+            top_groups = jax.lax.top_k(group_score, cfg.topk_group)[1]
+            keep = jnp.zeros((t, cfg.n_group), bool).at[jnp.arange(t)[:, None], top_groups].set(True)
+            choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+        experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1]
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        return Routing(experts=experts, weights=weights, scores=scores)
+
+
+class RoutedExperts(nnx.Module):
+    """The E routed SwiGLU experts, stacked: run on a tiled, expert-grouped row buffer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.dtype = dtype
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        std = cfg.initializer_range
+        self.gate_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"),
+                               dtype=param_dtype, std=std)
+        self.up_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"),
+                             dtype=param_dtype, std=std)
+        self.down_proj = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"),
+                               dtype=param_dtype, std=std)
+
+    def __call__(self, xs: Float[Array, "size embed"], layout: gm.GroupedLayout,
+                 ) -> Float[Array, "size embed"]:
+        """Each tile of rows through its own expert."""
+        g = gm.grouped_matmul(xs, self.gate_proj[...], layout, self.dtype)
+        u = gm.grouped_matmul(xs, self.up_proj[...], layout, self.dtype)
+        return gm.grouped_matmul(jax.nn.silu(g) * u, self.down_proj[...], layout, self.dtype)
+
+
+class Dispatcher(Protocol):
+    """Moves (token, expert) rows to the experts and the results back."""
+
+    def __call__(self, x: Float[Array, "tokens embed"], experts: Int[Array, "tokens k"],
+                 routed: RoutedExperts, num_experts: int
+                 ) -> tuple[Float[Array, "tokens k embed"], Int[Array, "experts"]]:
+        """Return each row's expert output and the per-expert row counts."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDispatcher:
+    """All experts on this device: group the rows by expert, run, read them back."""
+
+    def __call__(self, x, experts, routed, num_experts):
+        t, k = experts.shape
+        layout = gm.make_layout(experts.reshape(-1), num_experts)
+        rows = jnp.repeat(x, k, axis=0)  # row r is token r // k
+        y = gm.gather_rows(routed(gm.scatter_rows(rows, layout), layout), layout)
+        return y.reshape(t, k, x.shape[-1]), layout.group_sizes
+
+
+class MoE(nnx.Module):
+    """Shared MLP plus the weighted sum of the chosen routed experts (fp32 combine)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, dispatcher: Dispatcher | None = None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.gate = Gate(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.experts = RoutedExperts(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs,
+                dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range)
+            if cfg.n_shared_experts else None)
+        self.dispatcher = dispatcher or LocalDispatcher()
+
+    def __call__(self, x: Float[Array, "batch seq embed"]) -> tuple[Float[Array, "batch seq embed"], dict]:
+        """MoE output and aux stats: per-expert token counts and the sequence balance term."""
+        b, s, d = x.shape
+        xt = x.reshape(b * s, d)
+        routing = self.gate(xt)
+        y, counts = self.dispatcher(xt, routing.experts, self.experts, self.cfg.n_routed_experts)
+        out = jnp.einsum("tk,tkd->td", routing.weights, y.astype(jnp.float32))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(xt).astype(jnp.float32)
+        aux = {"expert_counts": counts,
+               "balance": sequence_balance(routing, b, s, self.cfg.n_routed_experts)}
+        return out.astype(self.dtype).reshape(b, s, d), aux
+
+
+def sequence_balance(routing: Routing, batch: int, seq: int, num_experts: int) -> Float[Array, ""]:
+    """Complementary sequence-wise balance term `sum_i f_i * P_i`, averaged over sequences.
+
+    f_i = E / (K * T) * (tokens of the sequence routed to i); P_i = mean over the sequence of
+    the per-token normalised scores s_i / sum_j s_j (SPEC section 6).
+    """
+    k = routing.experts.shape[-1]
+    seq_of_token = jnp.arange(batch * seq) // seq
+    counts = jnp.zeros((batch, num_experts), jnp.float32).at[
+        seq_of_token[:, None], routing.experts].add(1.0)
+    f = counts * (num_experts / (k * seq))
+    p = routing.scores / routing.scores.sum(-1, keepdims=True)
+    p = p.reshape(batch, seq, num_experts).mean(1)
+    return jnp.mean(jnp.sum(f * p, axis=-1))

@@ -1,0 +1,40 @@
+"""Multi-token prediction module (SPEC section 6).
+
+Module k predicts token i+k+1 from `h' = eh_proj([enorm(Emb(t_{i+k})), hnorm(h_i)])`
+(embedding first, as in the checkpoint) run through one full transformer block, then
+`shared_head.norm` and the main model's output head. Embedding and head are shared with the
+main model and passed in by it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.linear import einsum, param
+from dsv3_jax.layers.norm import RMSNorm
+
+
+class MTP(nnx.Module):
+    """One MTP depth: combine the previous depth's hidden state with the next token's embedding."""
+
+    def __init__(self, cfg: ModelConfig, block: nnx.Module, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        D = cfg.hidden_size
+        self.dtype = dtype
+        self.enorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.hnorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.eh_proj = param(rngs, (2 * D, D), ("embed_concat", "embed"), dtype=param_dtype,
+                             std=cfg.initializer_range)
+        self.block = block
+        self.shared_head_norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"],
+                 cos, sin) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], dict]:
+        """Returns (block output for the next depth, normed state for the head, block aux)."""
+        h = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)
+        h = einsum("bsc,cd->bsd", h, self.eh_proj[...], self.dtype)
+        h, aux = self.block(h, cos, sin)
+        return h, self.shared_head_norm(h), aux

@@ -1,0 +1,176 @@
+"""The DeepSeek-V2/V3 transformer: embedding, scanned dense and MoE layer stacks, head, MTP.
+
+`x = x + MLA(RMSNorm(x)); x = x + FFN(RMSNorm(x))`, FFN a dense SwiGLU for the first
+`first_k_dense_replace` layers and DeepSeekMoE after (SPEC section 2). Layers of one kind
+are stacked on a leading "layers" axis and run with `nnx.scan`, so compile time does not grow
+with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.linear import einsum, param
+from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mlp import MLP
+from dsv3_jax.layers.moe import MoE
+from dsv3_jax.layers.mtp import MTP
+from dsv3_jax.layers.norm import RMSNorm
+from dsv3_jax.layers.rope import rope_cos_sin
+
+
+class Block(nnx.Module):
+    """Pre-norm attention + feed-forward block; FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, dispatcher=None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.is_moe = moe
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = MLA(cfg, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+        self.mlp = (MoE(cfg, rngs=rngs, dispatcher=dispatcher, **kw) if moe else
+                    MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs,
+                        std=cfg.initializer_range, **kw))
+
+    def __call__(self, x: Float[Array, "batch seq embed"], cos, sin
+                 ) -> tuple[Float[Array, "batch seq embed"], dict]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, aux = self.mlp(h)
+        else:
+            y, aux = self.mlp(h), {}
+        return x + y, aux
+
+
+def _stack_blocks(cfg: ModelConfig, n: int, rngs: nnx.Rngs, **kw) -> Block:
+    """`n` blocks stacked on a leading "layers" axis (created with nnx.vmap)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return Block(cfg, rngs=r, **kw)
+
+    stack = make(rngs)
+    for _, v in nnx.iter_graph(stack):
+        if isinstance(v, nnx.Variable) and "logical_axes" in v.get_metadata():
+            v.set_metadata(logical_axes=("layers",) + tuple(v.get_metadata()["logical_axes"]))
+    return stack
+
+
+def _run_stack(stack: Block, x, cos, sin, remat: bool):
+    def body(carry, block):
+        return block(carry, cos, sin)
+
+    if remat:
+        body = nnx.remat(body)
+    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """Everything one forward pass computes."""
+
+    logits: Float[Array, "batch seq vocab"]               # fp32
+    hidden: Float[Array, "batch seq embed"]               # final hidden state after the final norm
+    mtp_logits: tuple[Float[Array, "batch _ vocab"], ...]  # depth k: [batch, seq - k, vocab]
+    expert_counts: Int[Array, "moe_layers experts"]       # routed rows per expert per MoE layer
+    balance: Float[Array, "moe_layers"]                   # sequence-wise balance term per layer
+    mtp_expert_counts: Int[Array, "depth experts"] | None = None
+
+
+jax.tree_util.register_dataclass(
+    ModelOutput, data_fields=[f.name for f in dataclasses.fields(ModelOutput)], meta_fields=[])
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V2/V3 causal LM. `model(input_ids)` -> fp32 logits [batch, seq, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False, dispatcher=None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, dispatcher=dispatcher)
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = param(rngs, (V, D), ("vocab", "embed"), dtype=param_dtype,
+                                  std=cfg.initializer_range)
+        self.dense_layers = (_stack_blocks(cfg, cfg.num_dense_layers, rngs, moe=False, **kw)
+                             if cfg.num_dense_layers else None)
+        self.moe_layers = (_stack_blocks(cfg, cfg.num_moe_layers, rngs, moe=True, **kw)
+                           if cfg.num_moe_layers else None)
+        self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = param(rngs, (D, V), ("embed", "vocab"), dtype=param_dtype,
+                             std=cfg.initializer_range)
+        self.mtp = nnx.List([
+            MTP(cfg, Block(cfg, moe=True, rngs=rngs, **kw), rngs=rngs, dtype=dtype,
+                param_dtype=param_dtype)
+            for _ in range(cfg.num_nextn_predict_layers)])
+
+    def embed(self, input_ids: Int[Array, "batch seq"]) -> Float[Array, "batch seq embed"]:
+        """Token embeddings in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+    def head(self, h: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq vocab"]:
+        """Output head, logits in fp32."""
+        return jnp.einsum("bsd,dv->bsv", h.astype(self.dtype), self.lm_head[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def forward(self, input_ids: Int[Array, "batch seq"], positions: Int[Array, "batch seq"] | None = None,
+                *, mtp: bool = False) -> ModelOutput:
+        """Full forward pass; with `mtp=True` also the MTP logits of every depth."""
+        check_token_ids(input_ids, self.cfg.vocab_size)
+        b, s = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        x = self.embed(input_ids)
+        if self.dense_layers is not None:
+            x, _ = _run_stack(self.dense_layers, x, cos, sin, self.remat)
+        E = self.cfg.n_routed_experts
+        counts, balance = jnp.zeros((0, E), jnp.int32), jnp.zeros((0,), jnp.float32)
+        if self.moe_layers is not None:
+            x, aux = _run_stack(self.moe_layers, x, cos, sin, self.remat)
+            counts, balance = aux["expert_counts"], aux["balance"]
+        hidden = self.norm(x)
+        out = ModelOutput(logits=self.head(hidden), hidden=hidden, mtp_logits=(),
+                          expert_counts=counts, balance=balance)
+        if mtp and len(self.mtp):
+            out.mtp_logits, out.mtp_expert_counts = self.mtp_forward(input_ids, hidden, cos, sin)
+        return out
+
+    def mtp_forward(self, input_ids, hidden, cos, sin):
+        """Logits of each MTP depth k ([batch, seq - k, vocab]) and their expert counts."""
+        logits, counts = [], []
+        h = hidden
+        for k, module in enumerate(self.mtp, start=1):
+            emb_next = self.embed(input_ids[:, k:])
+            h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k])
+            logits.append(self.head(h_normed))
+            counts.append(aux["expert_counts"])
+        return tuple(logits), jnp.stack(counts)
+
+    def __call__(self, input_ids: Int[Array, "batch seq"],
+                 positions: Int[Array, "batch seq"] | None = None) -> Float[Array, "batch seq vocab"]:
+        """fp32 logits [batch, seq, vocab]."""
+        return self.forward(input_ids, positions).logits
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Raise on ids outside [0, vocab_size) when the ids are concrete (not under jit)."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")

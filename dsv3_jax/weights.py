@@ -1,0 +1,295 @@
+"""HF safetensors checkpoints <-> our parameters (SPEC section 8).
+
+`key_map(cfg)` is the single table between checkpoint keys and our parameter paths: for every
+HF tensor, the parameter it fills, the index into that parameter (layer of a stack, expert of
+a layer) and how many leading dims of our slice form the matmul input (HF stores [out, in];
+we store [in..., out...]). Loading reads tensor by tensor from memory maps and fills one
+parameter at a time; FP8 block-quantized weights are dequantized with their `weight_scale_inv`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import Transformer
+from dsv3_jax.safetensors_io import CheckpointError, CheckpointReader
+
+__all__ = ["CheckpointError", "key_map", "load_hf", "save_hf"]
+
+# Keys some checkpoints carry that hold nothing we need.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One checkpoint tensor: where it lives in our parameters."""
+
+    hf_key: str
+    path: tuple            # our parameter path in nnx.state(model)
+    index: tuple = ()      # leading indices into that parameter (layer, expert)
+    n_in: int = 0          # 0: copied as is; else HF [out, in] with `n_in` leading input dims
+
+
+def _block_entries(cfg: ModelConfig, prefix: str, path: tuple, index: tuple, moe: bool) -> list[Entry]:
+    def lin(name, ours, n_in=1):
+        return Entry(prefix + name + ".weight", path + ours, index, n_in)
+
+    def vec(name, ours):
+        return Entry(prefix + name, path + ours, index)
+
+    out = [vec("input_layernorm.weight", ("input_layernorm", "weight")),
+           vec("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"))]
+    if cfg.q_lora_rank:
+        out += [lin("self_attn.q_a_proj", ("self_attn", "q_a_proj")),
+                vec("self_attn.q_a_layernorm.weight", ("self_attn", "q_a_layernorm", "weight")),
+                lin("self_attn.q_b_proj", ("self_attn", "q_b_proj"))]
+    else:
+        out.append(lin("self_attn.q_proj", ("self_attn", "q_proj")))
+    out += [lin("self_attn.kv_a_proj_with_mqa", ("self_attn", "kv_a_proj_with_mqa")),
+            vec("self_attn.kv_a_layernorm.weight", ("self_attn", "kv_a_layernorm", "weight")),
+            lin("self_attn.kv_b_proj", ("self_attn", "kv_b_proj")),
+            lin("self_attn.o_proj", ("self_attn", "o_proj"), n_in=2)]
+    if not moe:
+        return out + [lin(f"mlp.{p}", ("mlp", p)) for p in ("gate_proj", "up_proj", "down_proj")]
+    out.append(lin("mlp.gate", ("mlp", "gate", "weight")))
+    if cfg.topk_method == "noaux_tc":
+        out.append(vec("mlp.gate.e_score_correction_bias", ("mlp", "gate", "e_score_correction_bias")))
+    if cfg.n_shared_experts:
+        out += [lin(f"mlp.shared_experts.{p}", ("mlp", "shared_experts", p))
+                for p in ("gate_proj", "up_proj", "down_proj")]
+    for e in range(cfg.n_routed_experts):
+        out += [Entry(f"{prefix}mlp.experts.{e}.{p}.weight", path + ("mlp", "experts", p),
+                      index + (e,), 1) for p in ("gate_proj", "up_proj", "down_proj")]
+    return out
+
+
+def key_map(cfg: ModelConfig) -> list[Entry]:
+    """Every checkpoint tensor of `cfg`, in checkpoint order."""
+    entries = [Entry("model.embed_tokens.weight", ("embed_tokens",))]
+    for layer in range(cfg.num_hidden_layers):
+        moe = layer >= cfg.first_k_dense_replace
+        stack, i = ("moe_layers", layer - cfg.first_k_dense_replace) if moe else ("dense_layers", layer)
+        entries += _block_entries(cfg, f"model.layers.{layer}.", (stack,), (i,), moe)
+    for k in range(cfg.num_nextn_predict_layers):
+        p, path = f"model.layers.{cfg.num_hidden_layers + k}.", ("mtp", k)
+        entries += [Entry(p + "enorm.weight", path + ("enorm", "weight")),
+                    Entry(p + "hnorm.weight", path + ("hnorm", "weight")),
+                    Entry(p + "eh_proj.weight", path + ("eh_proj",), (), 1)]
+        entries += _block_entries(cfg, p, path + ("block",), (), True)
+        entries.append(Entry(p + "shared_head.norm.weight", path + ("shared_head_norm", "weight")))
+    entries += [Entry("model.norm.weight", ("norm", "weight")),
+                Entry("lm_head.weight", ("lm_head",), (), 1)]
+    return entries
+
+
+def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
+    """MTP-layer keys that copy the main embedding / head (we share those) -> the main key."""
+    out = {}
+    for k in range(cfg.num_nextn_predict_layers):
+        p = f"model.layers.{cfg.num_hidden_layers + k}."
+        out[p + "embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[p + "shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+def _hf_shape(slice_shape: tuple, n_in: int) -> tuple:
+    if not n_in:
+        return tuple(slice_shape)
+    return (math.prod(slice_shape[n_in:]), math.prod(slice_shape[:n_in]))
+
+
+def _scale_key(key: str) -> str:
+    return key + "_scale_inv"
+
+
+def dequantize_fp8(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """W = float32(q) * scale_inv[r // block_r, c // block_c] (edge blocks may be partial)."""
+    rows, cols = q.shape
+    s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block[0], 0), block[1], 1)
+    return np.asarray(q).astype(np.float32) * s[:rows, :cols]
+
+
+def _read(reader: CheckpointReader, cfg: ModelConfig, e: Entry, slice_shape: tuple,
+          dtype: np.dtype) -> np.ndarray:
+    key = e.hf_key
+    want = _hf_shape(slice_shape, e.n_in)
+    if reader.shape(key) != want:
+        raise CheckpointError(f"tensor {key!r} has shape {list(reader.shape(key))}, "
+                              f"expected {list(want)} for this config")
+    t = reader.get(key)
+    if t.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+        skey = _scale_key(key)
+        if skey not in reader:
+            raise CheckpointError(f"tensor {key!r} is float8 but {skey!r} is missing")
+        block = cfg.fp8_block_size or (128, 128)
+        want_s = tuple(-(-n // b) for n, b in zip(t.shape, block))
+        if reader.shape(skey) != want_s:
+            raise CheckpointError(f"tensor {skey!r} has shape {list(reader.shape(skey))}, expected "
+                                  f"{list(want_s)} for {list(t.shape)} weights in {block} blocks")
+        t = dequantize_fp8(t, reader.get(skey), block)
+    t = np.asarray(t).astype(dtype)
+    if e.n_in:
+        t = t.T
+    return t.reshape(slice_shape)
+
+
+def _check_keys(reader: CheckpointReader, cfg: ModelConfig, entries: list[Entry], path) -> None:
+    expected = {e.hf_key for e in entries}
+    present = set(reader.keys())
+    missing = sorted(expected - present)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        hint = ""
+        if any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in missing):
+            hint = " (the MTP layer; load with mtp=False to skip it)"
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{more}{hint}")
+    known = expected | {_scale_key(k) for k in expected} | set(_mtp_copies(cfg))
+    unexpected = sorted(k for k in present - known if not _IGNORED.match(k))
+    if unexpected:
+        mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+        if all(k.startswith(mtp_prefix) for k in unexpected) and not cfg.num_nextn_predict_layers:
+            return  # an MTP layer the caller chose not to load
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:5]}{more} "
+                              "for this config")
+
+
+def _abstract_model(cfg: ModelConfig, dtype, param_dtype) -> Transformer:
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                              param_dtype=param_dtype))
+
+
+def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
+            mtp: bool = True) -> Transformer:
+    """A ready model from a HF checkpoint folder (bf16, fp32 or FP8 block-quantized).
+
+    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); the routing
+    bias stays fp32. `mtp=False` skips the MTP layer. `mesh` is accepted for the sharding
+    issue and currently ignored.
+    """
+    del mesh
+    path = Path(path)
+    cfg = ModelConfig.from_json(path)
+    if not mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    param_dtype = param_dtype or dtype
+    reader = CheckpointReader(path)
+    entries = key_map(cfg)
+    _check_keys(reader, cfg, entries, path)
+    by_path = defaultdict(list)
+    for e in entries:
+        by_path[e.path].append(e)
+
+    graphdef, state = nnx.split(_abstract_model(cfg, dtype, param_dtype))
+    for var_path, var in nnx.to_flat_state(state):
+        group = by_path.pop(tuple(var_path), None)
+        if group is None:
+            raise CheckpointError(f"no checkpoint tensor fills parameter {'.'.join(map(str, var_path))}")
+        shape, np_dtype = tuple(var.shape), np.dtype(var.dtype)
+        arr = np.empty(shape, np_dtype)
+        for e in group:
+            arr[e.index] = _read(reader, cfg, e, shape[len(e.index):], np_dtype)
+        if math.prod(shape) and len(group) * math.prod(shape[len(group[0].index):]) != math.prod(shape):
+            raise CheckpointError(f"parameter {var_path} is only partly filled by the checkpoint")
+        var.set_value(jnp.asarray(arr))
+        del arr
+    if by_path:
+        raise CheckpointError(f"key map names parameters the model lacks: {list(by_path)[:5]}")
+    return nnx.merge(graphdef, state)
+
+
+def _params_by_path(model: Transformer) -> dict[tuple, jax.Array]:
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def save_hf(model: Transformer, path: str | Path, *, dtype=None,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` as a HF checkpoint folder: config.json, per-expert keys, sharded files.
+
+    `dtype` (bf16 or fp32) defaults to each parameter's own; the routing bias stays fp32.
+    Files are written to a temporary folder first and moved into place at the end, so a
+    failed save leaves an existing checkpoint at `path` untouched.
+    """
+    from safetensors.numpy import save_file
+
+    cfg = model.cfg.replace(quantization_config=None)
+    path = Path(path)
+    params = _params_by_path(model)
+    entries = key_map(cfg)
+    copies = _mtp_copies(cfg)
+    by_key = {e.hf_key: e for e in entries}
+
+    def tensor(key: str) -> np.ndarray:
+        e = by_key[copies.get(key, key)]
+        v = np.asarray(params[e.path][e.index] if e.index else params[e.path])
+        if e.n_in:
+            v = v.reshape(math.prod(v.shape[:e.n_in]), -1).T
+        if dtype is not None and not e.hf_key.endswith("e_score_correction_bias"):
+            v = v.astype(dtype)
+        return np.ascontiguousarray(v)
+
+    keys = [e.hf_key for e in entries]
+    for k in range(cfg.num_nextn_predict_layers):  # the official layout repeats these
+        p = f"model.layers.{cfg.num_hidden_layers + k}."
+        keys += [p + "embed_tokens.weight", p + "shared_head.head.weight"]
+
+    def nbytes(key):
+        e = by_key[copies.get(key, key)]
+        shape = params[e.path].shape[len(e.index):]
+        itemsize = np.dtype(dtype or params[e.path].dtype).itemsize
+        if e.hf_key.endswith("e_score_correction_bias"):
+            itemsize = 4
+        return math.prod(shape) * itemsize
+
+    shards, size = [[]], 0
+    for key in keys:
+        n = nbytes(key)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".dsv3_tmp_save"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            save_file({k: tensor(k) for k in shard}, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(nbytes(k) for k in keys)},
+                     "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        conf = cfg.to_dict()
+        save_dtype = np.dtype(dtype or params[("embed_tokens",)].dtype)
+        conf["torch_dtype"] = {"bfloat16": "bfloat16", "float32": "float32",
+                               "float16": "float16"}.get(save_dtype.name, save_dtype.name)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+        written = {f.name for f in tmp.iterdir()}
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+        # Only now remove files of an older checkpoint in the same folder that we did not rewrite.
+        for stale in list(path.glob("*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+            if stale.name not in written:
+                stale.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
