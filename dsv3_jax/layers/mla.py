@@ -46,7 +46,7 @@ class MLA(nnx.Module):
                                ("kv_lora", "heads", "head_dim"), dtype=param_dtype, std=std)
         self.o_proj = param(rngs, (H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"),
                             dtype=param_dtype, std=std)
-        self.softmax_scale = cfg.qk_head_dim ** -0.5 * cfg.yarn_mscale() ** 2
+        self.softmax_scale = softmax_scale(cfg)
 
     def query(self, x: Float[Array, "batch seq embed"], cos, sin
               ) -> tuple[Float[Array, "batch seq heads nope"], Float[Array, "batch seq heads rope"]]:
@@ -85,6 +85,11 @@ class MLA(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=f32).astype(self.dtype)
         return einsum("bqhd,hde->bqe", o, self.o_proj[...], self.dtype)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """`qk_head_dim ** -0.5 * mscale ** 2`, mscale from YaRN (V3: 0.13523378)."""
+    return cfg.qk_head_dim ** -0.5 * cfg.yarn_mscale() ** 2
 
 
 def causal_mask(seq: int) -> jax.Array:
