@@ -184,6 +184,9 @@ class ModelConfig:
         if d.get("moe_layer_freq", 1) != 1:
             raise ConfigError(f"config field 'moe_layer_freq' = {d['moe_layer_freq']!r}: "
                               "only 1 (every layer after first_k_dense_replace is MoE) is supported")
+        if d.get("rope_interleave", True) is False:
+            raise ConfigError("config field 'rope_interleave' = False: DeepSeek checkpoints rotate "
+                              "adjacent (2i, 2i+1) pairs; only true is supported")
         if d.get("attention_bias"):
             raise ConfigError("config field 'attention_bias' = True: DeepSeek MLA has no biases")
         nkv = d.get("num_key_value_heads")
