@@ -165,6 +165,30 @@ class Transformer(nnx.Module):
         return self.forward(input_ids, positions).logits
 
 
+def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: bool = False) -> Transformer:
+    """A randomly initialised model, fast: shapes from `nnx.eval_shape`, values from NumPy.
+
+    Same distributions as `Transformer(cfg, rngs=...)` (normal(0, std) weights, unit norm gains,
+    zero routing bias) without compiling an XLA random op per parameter shape, which on CPU
+    costs tens of seconds even for the tiny config.
+    """
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                               param_dtype=param_dtype, remat=remat))
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Variable):
+            continue
+        meta = var.get_metadata()
+        shape, vdtype = var.shape, var.dtype
+        if "init_std" in meta:
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(meta["init_std"])
+        else:
+            value = np.full(shape, meta.get("init_value", 0.0), np.float32)
+        var.set_value(jnp.asarray(value, vdtype))
+    return model
+
+
 def check_token_ids(input_ids, vocab_size: int) -> None:
     """Raise on ids outside [0, vocab_size) when the ids are concrete (not under jit)."""
     if isinstance(input_ids, jax.core.Tracer):

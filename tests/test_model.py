@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import ModelConfig, Transformer
+from dsv3_jax import ModelConfig, Transformer, init_model
 from tests.conftest import ROOT
 
 TINY = ModelConfig.from_json(ROOT / "configs" / "tiny.json")
@@ -27,20 +27,20 @@ def test_layers_are_scanned_so_program_size_is_flat_in_depth():
 
 
 def test_forward_shapes_mtp_and_counts():
-    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    model = init_model(TINY)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 12)), jnp.int32)
-    out = model.forward(ids, mtp=True)
+    out = nnx.jit(lambda m, ids: m.forward(ids, mtp=True))(model, ids)
     assert out.logits.shape == (2, 12, TINY.vocab_size) and out.logits.dtype == jnp.float32
     assert [m.shape for m in out.mtp_logits] == [(2, 11, TINY.vocab_size)]
     assert out.expert_counts.shape == (TINY.num_moe_layers, TINY.n_routed_experts)
     np.testing.assert_array_equal(out.expert_counts.sum(1), 2 * 12 * TINY.num_experts_per_tok)
     assert out.mtp_expert_counts.shape == (1, TINY.n_routed_experts)
-    np.testing.assert_array_equal(model(ids), out.logits)
+    np.testing.assert_allclose(model(ids), out.logits, rtol=1e-6, atol=1e-6)  # eager == jit
 
 
 def test_causality():
     """Changing a later token never changes earlier logits."""
-    model = Transformer(TINY, rngs=nnx.Rngs(1))
+    model = init_model(TINY, seed=1)
     ids = np.random.default_rng(0).integers(0, TINY.vocab_size, (1, 10))
     ids2 = ids.copy()
     ids2[0, 7] = (ids2[0, 7] + 1) % TINY.vocab_size
@@ -50,8 +50,8 @@ def test_causality():
 
 
 def test_bf16_compute_is_finite_and_close_to_fp32():
-    m32 = Transformer(TINY, rngs=nnx.Rngs(2))
-    m16 = Transformer(TINY, rngs=nnx.Rngs(2), dtype=jnp.bfloat16)
+    m32 = init_model(TINY, seed=2)
+    m16 = init_model(TINY, seed=2, dtype=jnp.bfloat16)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 16)), jnp.int32)
     a, b = m32(ids), m16(ids)
     assert b.dtype == jnp.float32 and bool(jnp.isfinite(b).all())
@@ -60,7 +60,7 @@ def test_bf16_compute_is_finite_and_close_to_fp32():
 
 
 def test_jit_and_grad_through_the_model():
-    model = Transformer(TINY.replace(num_nextn_predict_layers=0), rngs=nnx.Rngs(0), remat=True)
+    model = init_model(TINY.replace(num_nextn_predict_layers=0), remat=True)
     gd, st = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 8)), jnp.int32)
 
@@ -76,6 +76,21 @@ def test_jit_and_grad_through_the_model():
 
 @pytest.mark.parametrize("bad", [-1, TINY.vocab_size])
 def test_token_ids_out_of_range(bad):
-    model = Transformer(TINY.replace(num_nextn_predict_layers=0), rngs=nnx.Rngs(0))
+    model = init_model(TINY.replace(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
         model(jnp.asarray([[1, 2, bad]], jnp.int32))
+
+
+def test_init_model_matches_the_module_initialisers():
+    """init_model (NumPy, fast) draws what Transformer(rngs=...) draws: same shapes and scales."""
+    cfg = TINY.replace(num_hidden_layers=2)
+    a = nnx.state(init_model(cfg, seed=0))
+    b = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+        x, y = np.asarray(va.get_value()), np.asarray(vb.get_value())
+        assert pa == pb and x.shape == y.shape and x.dtype == y.dtype
+        assert va.get_metadata()["logical_axes"] == vb.get_metadata()["logical_axes"]
+        if "init_std" in va.get_metadata():
+            assert abs(x.std() / y.std() - 1) < 0.1, pa
+        else:
+            np.testing.assert_array_equal(x, y)

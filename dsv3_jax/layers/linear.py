@@ -17,12 +17,12 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], *, dtyp
     """A normal(0, std) weight tagged with its logical axes."""
     assert len(shape) == len(axes), (shape, axes)
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, logical_axes=axes)
+    return nnx.Param(value, logical_axes=axes, init_std=std)
 
 
 def ones_param(shape: tuple[int, ...], axes: tuple[str, ...], *, dtype) -> nnx.Param:
     """A weight initialised to ones (norm gains)."""
-    return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+    return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes, init_value=1.0)
 
 
 def einsum(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:

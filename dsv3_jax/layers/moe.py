@@ -46,7 +46,8 @@ class Gate(nnx.Module):
                             dtype=param_dtype, std=cfg.initializer_range)
         if cfg.topk_method == "noaux_tc":
             self.e_score_correction_bias = RoutingBias(
-                jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("router",))
+                jnp.zeros((cfg.n_routed_experts,), jnp.float32), logical_axes=("router",),
+                init_value=0.0)
 
     def __call__(self, x: Float[Array, "tokens embed"]) -> Routing:
         cfg = self.cfg
