@@ -24,6 +24,9 @@ from dsv3_jax.layers.moe import MoE
 from dsv3_jax.layers.mtp import MTP
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import rope_cos_sin
+from sharding.rules import constrain, variable_sharding
+
+ACT = ("batch", "seq", None)  # logical layout of [batch, seq, embed] activations
 
 
 class Block(nnx.Module):
@@ -69,7 +72,8 @@ def _stack_blocks(cfg: ModelConfig, n: int, rngs: nnx.Rngs, **kw) -> Block:
 
 def _run_stack(stack: Block, x, cos, sin, remat: bool):
     def body(carry, block):
-        return block(carry, cos, sin)
+        x, aux = block(carry, cos, sin)
+        return constrain(x, ACT), aux
 
     if remat:
         body = nnx.remat(body)
@@ -85,6 +89,7 @@ class ModelOutput:
     mtp_logits: tuple[Float[Array, "batch _ vocab"], ...]  # depth k: [batch, seq - k, vocab]
     expert_counts: Int[Array, "moe_layers experts"]       # routed rows per expert per MoE layer
     balance: Float[Array, "moe_layers"]                   # sequence-wise balance term per layer
+    dropped: Int[Array, "moe_layers"]                     # rows dropped by a capacity limit (0: dropless)
     mtp_expert_counts: Int[Array, "depth experts"] | None = None
 
 
@@ -133,17 +138,18 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         cos, sin = rope_cos_sin(self.cfg, positions)
-        x = self.embed(input_ids)
+        x = constrain(self.embed(input_ids), ACT)
         if self.dense_layers is not None:
             x, _ = _run_stack(self.dense_layers, x, cos, sin, self.remat)
         E = self.cfg.n_routed_experts
-        counts, balance = jnp.zeros((0, E), jnp.int32), jnp.zeros((0,), jnp.float32)
+        aux = {"expert_counts": jnp.zeros((0, E), jnp.int32), "balance": jnp.zeros((0,), jnp.float32),
+               "dropped": jnp.zeros((0,), jnp.int32)}
         if self.moe_layers is not None:
             x, aux = _run_stack(self.moe_layers, x, cos, sin, self.remat)
-            counts, balance = aux["expert_counts"], aux["balance"]
         hidden = self.norm(x)
         out = ModelOutput(logits=self.head(hidden), hidden=hidden, mtp_logits=(),
-                          expert_counts=counts, balance=balance)
+                          expert_counts=aux["expert_counts"], balance=aux["balance"],
+                          dropped=aux["dropped"])
         if mtp and len(self.mtp):
             out.mtp_logits, out.mtp_expert_counts = self.mtp_forward(input_ids, hidden, cos, sin)
         return out
@@ -165,27 +171,54 @@ class Transformer(nnx.Module):
         return self.forward(input_ids, positions).logits
 
 
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   remat: bool = False, mesh=None, capacity_factor: float | None = None
+                   ) -> Transformer:
+    """The model's structure with shape-only parameters (nothing allocated).
+
+    With a `mesh`, MoE layers get the expert-parallel dispatcher (sharding/expert_parallel.py).
+    """
+    dispatcher = None
+    if mesh is not None:
+        from sharding.expert_parallel import ExpertParallelDispatcher
+        dispatcher = ExpertParallelDispatcher(mesh, capacity_factor=capacity_factor)
+    elif capacity_factor is not None:
+        raise ValueError("capacity_factor applies to expert-parallel dispatch: pass a mesh")
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                              param_dtype=param_dtype, remat=remat,
+                                              dispatcher=dispatcher))
+
+
+def place(value, var: nnx.Variable, mesh) -> jax.Array:
+    """Put a host value on the devices, split by the variable's logical axes when `mesh` is set."""
+    if mesh is None:
+        return jnp.asarray(value, var.dtype)
+    return jax.device_put(np.asarray(value, var.dtype), variable_sharding(var, mesh))
+
+
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: bool = False) -> Transformer:
+               remat: bool = False, mesh=None, capacity_factor: float | None = None) -> Transformer:
     """A randomly initialised model, fast: shapes from `nnx.eval_shape`, values from NumPy.
 
     Same distributions as `Transformer(cfg, rngs=...)` (normal(0, std) weights, unit norm gains,
     zero routing bias) without compiling an XLA random op per parameter shape, which on CPU
-    costs tens of seconds even for the tiny config.
+    costs tens of seconds even for the tiny config. With a `mesh`, each parameter is drawn on
+    the host and only its shards go to the devices (`sharding/rules.py`); values do not depend
+    on the mesh.
     """
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                               param_dtype=param_dtype, remat=remat))
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh,
+                           capacity_factor=capacity_factor)
     rng = np.random.default_rng(seed)
     for _, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Variable):
             continue
         meta = var.get_metadata()
-        shape, vdtype = var.shape, var.dtype
+        shape = var.shape
         if "init_std" in meta:
             value = rng.standard_normal(shape, dtype=np.float32) * np.float32(meta["init_std"])
         else:
             value = np.full(shape, meta.get("init_value", 0.0), np.float32)
-        var.set_value(jnp.asarray(value, vdtype))
+        var.set_value(place(value, var, mesh))
     return model
 
 

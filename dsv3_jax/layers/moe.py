@@ -93,12 +93,24 @@ class RoutedExperts(nnx.Module):
         self.down_proj = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"),
                                dtype=param_dtype, std=std)
 
+    @property
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(gate_proj, up_proj, down_proj), for dispatchers that run the experts themselves."""
+        return self.gate_proj[...], self.up_proj[...], self.down_proj[...]
+
     def __call__(self, xs: Float[Array, "size embed"], layout: gm.GroupedLayout,
                  ) -> Float[Array, "size embed"]:
         """Each tile of rows through its own expert."""
-        g = gm.grouped_matmul(xs, self.gate_proj[...], layout, self.dtype)
-        u = gm.grouped_matmul(xs, self.up_proj[...], layout, self.dtype)
-        return gm.grouped_matmul(jax.nn.silu(g) * u, self.down_proj[...], layout, self.dtype)
+        return expert_ffn(self.weights, xs, layout, self.dtype)
+
+
+def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout, dtype
+               ) -> Float[Array, "size embed"]:
+    """SwiGLU of each tile of rows with its own expert's (gate, up, down) weights."""
+    w_gate, w_up, w_down = weights
+    g = gm.grouped_matmul(xs, w_gate, layout, dtype)
+    u = gm.grouped_matmul(xs, w_up, layout, dtype)
+    return gm.grouped_matmul(jax.nn.silu(g) * u, w_down, layout, dtype)
 
 
 class Dispatcher(Protocol):
@@ -106,8 +118,8 @@ class Dispatcher(Protocol):
 
     def __call__(self, x: Float[Array, "tokens embed"], experts: Int[Array, "tokens k"],
                  routed: RoutedExperts, num_experts: int
-                 ) -> tuple[Float[Array, "tokens k embed"], Int[Array, "experts"]]:
-        """Return each row's expert output and the per-expert row counts."""
+                 ) -> tuple[Float[Array, "tokens k embed"], Int[Array, "experts"], Int[Array, ""]]:
+        """Each row's expert output (zero if dropped), global per-expert row counts, rows dropped."""
         ...
 
 
@@ -120,7 +132,7 @@ class LocalDispatcher:
         layout = gm.make_layout(experts.reshape(-1), num_experts)
         rows = jnp.repeat(x, k, axis=0)  # row r is token r // k
         y = gm.gather_rows(routed(gm.scatter_rows(rows, layout), layout), layout)
-        return y.reshape(t, k, x.shape[-1]), layout.group_sizes
+        return y.reshape(t, k, x.shape[-1]), layout.group_sizes, jnp.zeros((), jnp.int32)
 
 
 class MoE(nnx.Module):
@@ -143,11 +155,12 @@ class MoE(nnx.Module):
         b, s, d = x.shape
         xt = x.reshape(b * s, d)
         routing = self.gate(xt)
-        y, counts = self.dispatcher(xt, routing.experts, self.experts, self.cfg.n_routed_experts)
+        y, counts, dropped = self.dispatcher(xt, routing.experts, self.experts,
+                                             self.cfg.n_routed_experts)
         out = jnp.einsum("tk,tkd->td", routing.weights, y.astype(jnp.float32))
         if self.shared_experts is not None:
             out = out + self.shared_experts(xt).astype(jnp.float32)
-        aux = {"expert_counts": counts,
+        aux = {"expert_counts": counts, "dropped": dropped,
                "balance": sequence_balance(routing, b, s, self.cfg.n_routed_experts)}
         return out.astype(self.dtype).reshape(b, s, d), aux
 

@@ -1,0 +1,109 @@
+"""Expert parallelism: routed experts split over the mesh's expert axis, tokens moved by all-to-all.
+
+Each device holds a slice of the batch (split over data, fsdp and expert) and E / ep experts.
+Inside `jax.shard_map` every device
+  1. buckets its (token, expert) rows by the expert shard that owns the expert,
+  2. exchanges the buckets with `jax.lax.all_to_all` over the expert axis (fixed-size buffers:
+     XLA:CPU cannot run `ragged_all_to_all`),
+  3. runs its local experts on what it received with the grouped matmul (expert FFN widths may
+     be split over the tensor axis: partial results are summed with `psum`),
+  4. sends the results back with a second all-to-all, and hands each row's result to the
+     weighted combine in dsv3_jax/layers/moe.py.
+
+Dropless by default: a source sends at most `tokens * min(k, E / ep)` rows to one shard (a
+token's k experts are distinct), and that is the bucket size, so nothing can overflow. With
+`capacity_factor=c` buckets hold `ceil(c * tokens * k / ep)` rows; rows past that are dropped
+(their expert output is zero) and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from dsv3_jax.layers import grouped_matmul as gm
+from dsv3_jax.layers.moe import expert_ffn
+from sharding.rules import batch_axes
+
+
+def _rank_within(groups: jax.Array, num_groups: int) -> jax.Array:
+    """For each element, how many earlier elements share its group (stable)."""
+    order = jnp.argsort(groups, stable=True)
+    counts = jnp.zeros((num_groups,), jnp.int32).at[groups].add(1)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(groups.shape[0], dtype=jnp.int32) - starts[groups[order]]
+    return jnp.zeros_like(groups).at[order].set(rank_sorted)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelDispatcher:
+    """Dispatcher for the MoE layer over `mesh` (see the module docstring)."""
+
+    mesh: Mesh
+    capacity_factor: float | None = None  # None: dropless
+    expert_axis: str = "expert"
+    tensor_axis: str = "tensor"
+
+    def capacity(self, tokens: int, k: int, num_experts: int) -> int:
+        """Rows one device may send to one expert shard (static)."""
+        ep = self.mesh.shape[self.expert_axis]
+        bound = tokens * min(k, num_experts // ep)
+        if self.capacity_factor is None:
+            return bound
+        return max(1, min(bound, math.ceil(self.capacity_factor * tokens * k / ep)))
+
+    def __call__(self, x, experts, routed, num_experts):
+        mesh, ep_axis, tp_axis = self.mesh, self.expert_axis, self.tensor_axis
+        ep = mesh.shape[ep_axis]
+        if num_experts % ep:
+            raise ValueError(f"n_routed_experts ({num_experts}) is not divisible by the mesh's "
+                             f"expert axis ({ep})")
+        bax = batch_axes(mesh, include_trivial=True)  # size-1 axes keep shard_map's types exact
+        shards = math.prod(mesh.shape[a] for a in bax)
+        if x.shape[0] % shards:
+            raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch axes {bax} "
+                             f"({shards} shards): the batch must be divisible by {shards}")
+        t_local, k = x.shape[0] // shards, experts.shape[1]
+        cap = self.capacity(t_local, k, num_experts)
+        e_local = num_experts // ep
+        dtype = routed.dtype
+        row_spec = P(bax, None)
+
+        def local(x, experts, w_gate, w_up, w_down):
+            d = x.shape[-1]
+            flat = experts.reshape(-1)
+            dest, local_e = flat // e_local, flat % e_local
+            pos = _rank_within(dest, ep)
+            keep = pos < cap
+            slot = jnp.where(keep, pos, cap)  # out of range: dropped
+            rows = jnp.repeat(x, k, axis=0)
+            send_x = jnp.zeros((ep, cap, d), x.dtype).at[dest, slot].set(rows, mode="drop")
+            send_e = jnp.full((ep, cap), -1, jnp.int32).at[dest, slot].set(local_e, mode="drop")
+            recv_x = jax.lax.all_to_all(send_x, ep_axis, 0, 0)
+            recv_e = jax.lax.all_to_all(send_e, ep_axis, 0, 0).reshape(-1)
+            valid = recv_e >= 0
+            layout = gm.make_layout(jnp.where(valid, recv_e, 0), e_local, valid=valid)
+            y = expert_ffn((w_gate, w_up, w_down), gm.scatter_rows(recv_x.reshape(-1, d), layout),
+                           layout, dtype)
+            y = gm.gather_rows(y, layout).reshape(ep, cap, d)
+            y = jax.lax.psum(y, tp_axis)  # partial sums of a tensor-split FFN width
+            back = jax.lax.all_to_all(y, ep_axis, 0, 0)
+            out = back.at[dest, slot].get(mode="fill", fill_value=0)
+            counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+            dropped = jnp.sum(~keep).astype(jnp.int32)
+            counts = jax.lax.psum(counts, bax)
+            dropped = jax.lax.psum(dropped, bax)
+            return out.reshape(-1, k, d), counts, dropped
+
+        w_spec = P(ep_axis, None, tp_axis)
+        w_down_spec = P(ep_axis, tp_axis, None)
+        fn = jax.shard_map(
+            local, mesh=mesh,
+            in_specs=(row_spec, row_spec, w_spec, w_spec, w_down_spec),
+            out_specs=(P(bax, None, None), P(), P()),
+            check_vma=True)
+        return fn(x, experts, *routed.weights)

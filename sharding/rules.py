@@ -1,0 +1,102 @@
+"""The one table from the model's logical axes to mesh axes (DESIGN principle 3).
+
+Parameters carry `logical_axes` metadata (dsv3_jax/layers/linear.py); activations are pinned
+at layer boundaries with `constrain(x, ("batch", "seq", None))`. Swapping a parallelism layout
+is a change to `RULES` or to the mesh spec, never to a layer.
+
+Resolution per array: each logical axis maps to a tuple of mesh axes; a mesh axis is used at
+most once per array (first dimension wins), axes of size 1 are dropped, and axes whose product
+does not divide the dimension are dropped from the right until it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+RULES: dict[str, tuple[str, ...]] = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "seq": (),
+    # parameters
+    "layers": (),                     # the pipeline issue maps this to "pipeline"
+    "vocab": ("tensor",),
+    "embed": ("fsdp", "expert"),      # FSDP; the expert axis doubles as FSDP for dense weights
+    "embed_concat": ("fsdp", "expert"),
+    "heads": ("tensor",),
+    "head_dim": (),
+    "q_lora": (),
+    "kv_lora": (),
+    "mlp": ("tensor",),
+    "experts": ("expert",),
+    "expert_mlp": ("tensor",),
+    "router": (),
+}
+
+_active_rules = contextvars.ContextVar("dsv3_rules", default=RULES)
+
+
+@contextlib.contextmanager
+def use_rules(rules: dict[str, tuple[str, ...]]):
+    """Use another logical -> mesh table inside this block."""
+    token = _active_rules.set(rules)
+    try:
+        yield
+    finally:
+        _active_rules.reset(token)
+
+
+def logical_to_spec(axes, shape, mesh) -> P:
+    """PartitionSpec for an array of `shape` whose dims carry the logical `axes`."""
+    rules = _active_rules.get()
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no entry in sharding.rules.RULES")
+        mesh_axes = [a for a in rules[name] if a in mesh.shape and mesh.shape[a] > 1 and a not in used]
+        while mesh_axes and dim % _prod(mesh.shape[a] for a in mesh_axes):
+            mesh_axes.pop()
+        used.update(mesh_axes)
+        spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return P(*spec)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """Where a parameter (or other variable) lives, from its `logical_axes` metadata."""
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """The NamedSharding of every variable in `state` (same tree structure)."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, axes) -> jax.Array:
+    """Pin an activation's layout by logical axes; a no-op outside a mesh (`jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def batch_axes(mesh, *, include_trivial: bool = False) -> tuple[str, ...]:
+    """The mesh axes that split the batch (by default only those of size > 1)."""
+    return tuple(a for a in _active_rules.get()["batch"]
+                 if a in mesh.shape and (include_trivial or mesh.shape[a] > 1))
