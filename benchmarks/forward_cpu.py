@@ -15,7 +15,10 @@ over --repeats rounds and the table reports medians and the ratio ours / transfo
 Threads, for each value T of --threads: torch gets `torch.set_num_threads(T)`; JAX gets XLA's
 default thread pool for T = all usable cores, and `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`
 for T = 1. When T is below the usable cores both processes are also pinned to the first T cores
-(sched_setaffinity), so neither can use more than T cores whatever its runtime does.
+(sched_setaffinity), so neither can use more than T cores whatever its runtime does. Both get
+`OMP_WAIT_POLICY=PASSIVE` (--omp-wait-policy; XLA does not use OpenMP): with torch's default
+spin-waiting, 2 OpenMP threads on a 2-core machine shared with other work ran ~60x slower.
+The 1-minute load average before and after is recorded, since other load skews every number.
 Prints a table and appends a dated section to BENCHMARKS.md (--no-append to skip).
 """
 
@@ -71,6 +74,8 @@ def run_one(impl: str, args, threads: int) -> dict:
     common = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
               "--iters", str(args.iters), "--threads", str(threads)]
     env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     if impl == "ours":
         cmd = [sys.executable, __file__, "--worker", *common]
         if threads == 1:
@@ -96,6 +101,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported")
     ap.add_argument("--threads", default=f"{usable_cores()},1", help="comma-separated thread counts")
     ap.add_argument("--transformers-python", default="/work/fixenv/bin/python")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for both ('' = unset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-append", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -111,6 +117,7 @@ def main() -> int:
         impls = ["ours"]
     thread_counts = [int(t) for t in args.threads.split(",")]
 
+    load_before = os.getloadavg()[0]
     results = {(t, i): [] for t in thread_counts for i in impls}
     for t in thread_counts:
         for r in range(args.repeats):
@@ -131,7 +138,9 @@ def main() -> int:
                          f"{median([x['ms_per_forward'] for x in runs]):.2f}",
                          " ".join(f"{x['tokens_per_s']:.0f}" for x in runs), ratio])
     out = table(headers, rows)
+    load = f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
     print()
+    print(load)
     print(out)
 
     if not args.no_append:
@@ -147,7 +156,8 @@ def main() -> int:
                 f"process (warm-up/compile excluded), {args.repeats} alternating rounds, medians."
                 f"{versions} JAX threads: XLA default pool for all cores, "
                 f"`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` for 1; torch `set_num_threads(T)`; "
-                f"below all cores both processes are pinned to T cores.\n\n{out}\n")
+                f"below all cores both processes are pinned to T cores; OMP_WAIT_POLICY="
+                f"{args.omp_wait_policy or 'unset'}. {load}.\n\n{out}\n")
         append_section("Forward tokens/s on CPU, dsv3-jax vs transformers", body)
     return 0
 

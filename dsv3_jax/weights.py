@@ -25,8 +25,9 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import Transformer
+from dsv3_jax.model import Transformer, abstract_model
 from dsv3_jax.safetensors_io import CheckpointError, CheckpointReader
+from sharding.rules import variable_sharding
 
 __all__ = ["CheckpointError", "key_map", "load_hf", "save_hf"]
 
@@ -168,20 +169,39 @@ def _check_keys(reader: CheckpointReader, cfg: ModelConfig, entries: list[Entry]
                               "for this config")
 
 
-def _abstract_model(cfg: ModelConfig, dtype, param_dtype) -> Transformer:
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                              param_dtype=param_dtype))
+def _block_reader(reader: CheckpointReader, cfg: ModelConfig, group: list[Entry], shape: tuple,
+                  dtype: np.dtype):
+    """Callback for `jax.make_array_from_callback`: builds one shard of a parameter.
+
+    Only the checkpoint tensors that fall inside the shard's leading (layer, expert) slice are
+    read, so a device's shard of a stacked expert weight never needs the whole stack on the host.
+    """
+    n_lead = len(group[0].index)
+
+    def block(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        ranges = [range(*sl.indices(n)) for sl, n in zip(index, shape)]
+        out = np.empty([len(r) for r in ranges], dtype)
+        lead, rest = ranges[:n_lead], index[n_lead:]
+        for e in group:
+            if all(i in r for i, r in zip(e.index, lead)):
+                where = tuple(r.index(i) for i, r in zip(e.index, lead))
+                out[where] = _read(reader, cfg, e, shape[n_lead:], dtype)[rest]
+        return out
+
+    return block
 
 
 def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
-            mtp: bool = True) -> Transformer:
+            mtp: bool = True, capacity_factor: float | None = None) -> Transformer:
     """A ready model from a HF checkpoint folder (bf16, fp32 or FP8 block-quantized).
 
     `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); the routing
-    bias stays fp32. `mtp=False` skips the MTP layer. `mesh` is accepted for the sharding
-    issue and currently ignored.
+    bias stays fp32. `mtp=False` skips the MTP layer. With a `mesh` (sharding.make_mesh) each
+    parameter is placed by the logical-axis rules as it is read, each device reading only its
+    own shard's tensors, and MoE layers dispatch expert-parallel (`capacity_factor` None:
+    dropless).
     """
-    del mesh
     path = Path(path)
     cfg = ModelConfig.from_json(path)
     if not mtp:
@@ -194,22 +214,23 @@ def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None
     for e in entries:
         by_path[e.path].append(e)
 
-    graphdef, state = nnx.split(_abstract_model(cfg, dtype, param_dtype))
-    for var_path, var in nnx.to_flat_state(state):
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                           capacity_factor=capacity_factor)
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for var_path, var in nnx.to_flat_state(nnx.state(model)):
         group = by_path.pop(tuple(var_path), None)
         if group is None:
             raise CheckpointError(f"no checkpoint tensor fills parameter {'.'.join(map(str, var_path))}")
         shape, np_dtype = tuple(var.shape), np.dtype(var.dtype)
-        arr = np.empty(shape, np_dtype)
-        for e in group:
-            arr[e.index] = _read(reader, cfg, e, shape[len(e.index):], np_dtype)
-        if math.prod(shape) and len(group) * math.prod(shape[len(group[0].index):]) != math.prod(shape):
+        lead = math.prod(shape[:len(group[0].index)])
+        if len(group) != lead:
             raise CheckpointError(f"parameter {var_path} is only partly filled by the checkpoint")
-        var.set_value(jnp.asarray(arr))
-        del arr
+        sharding = variable_sharding(var, mesh) if mesh is not None else single
+        var.set_value(jax.make_array_from_callback(
+            shape, sharding, _block_reader(reader, cfg, group, shape, np_dtype)))
     if by_path:
         raise CheckpointError(f"key map names parameters the model lacks: {list(by_path)[:5]}")
-    return nnx.merge(graphdef, state)
+    return model
 
 
 def _params_by_path(model: Transformer) -> dict[tuple, jax.Array]:

@@ -89,10 +89,21 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 def constrain(x: jax.Array, axes) -> jax.Array:
-    """Pin an activation's layout by logical axes; a no-op outside a mesh (`jax.set_mesh`)."""
+    """Pin an activation's layout by logical axes; a no-op outside a mesh (`jax.set_mesh`).
+
+    Unlike parameters, activations do not fall back to replication: a dimension the mesh
+    cannot split (a batch of 6 on 8 data shards) is an error naming the dimension.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
+    rules = _active_rules.get()
+    for name, dim in zip(axes, x.shape):
+        want = [a for a in rules.get(name, ()) if a in mesh.shape and mesh.shape[a] > 1]
+        n = _prod(mesh.shape[a] for a in want)
+        if name is not None and dim % n:
+            raise ValueError(f"the {name} dimension of size {dim} is not divisible by {n}, the "
+                             f"product of the mesh axes {'x'.join(want)} that split it")
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
