@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=256, help="moe_intermediate_size")
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-append", dest="append", action="store_false", help="do not write BENCHMARKS.md")
     args = p.parse_args()
     base = ModelConfig.from_json(ROOT / "configs" / "tiny.json").replace(
         hidden_size=args.hidden, moe_intermediate_size=args.width, num_experts_per_tok=args.top_k,
@@ -106,8 +107,9 @@ def main() -> None:
         "All-to-all bytes per device per MoE layer and step (forward + backward, dispatch + "
         "return), from the config:\n", *a2a, ""])
     print(section)
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(section)
+    if args.append:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write(section)
 
 
 if __name__ == "__main__":
