@@ -39,12 +39,22 @@ def _rank_within(groups: jax.Array, num_groups: int) -> jax.Array:
     return jnp.zeros_like(groups).at[order].set(rank_sorted)
 
 
+def _offsets(sizes: jax.Array) -> jax.Array:
+    return jnp.cumsum(sizes) - sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertParallelDispatcher:
-    """Dispatcher for the MoE layer over `mesh` (see the module docstring)."""
+    """Dispatcher for the MoE layer over `mesh` (see the module docstring).
+
+    `collective`: "dense" (fixed-size `all_to_all` buffers, runs everywhere), "ragged"
+    (`ragged_all_to_all`: only routed rows travel; GPU/TPU, XLA:CPU cannot run it) or "auto"
+    (ragged on GPU/TPU, dense on CPU).
+    """
 
     mesh: Mesh
     capacity_factor: float | None = None  # None: dropless
+    collective: str = "auto"
     expert_axis: str = "expert"
     tensor_axis: str = "tensor"
 
@@ -55,6 +65,13 @@ class ExpertParallelDispatcher:
         if self.capacity_factor is None:
             return bound
         return max(1, min(bound, math.ceil(self.capacity_factor * tokens * k / ep)))
+
+    def _ragged(self) -> bool:
+        if self.collective not in ("auto", "dense", "ragged"):
+            raise ValueError(f"collective={self.collective!r}: use 'auto', 'dense' or 'ragged'")
+        if self.collective == "auto":
+            return self.mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm", "tpu")
+        return self.collective == "ragged"
 
     def __call__(self, x, experts, routed, num_experts):
         mesh, ep_axis, tp_axis = self.mesh, self.expert_axis, self.tensor_axis
@@ -71,7 +88,7 @@ class ExpertParallelDispatcher:
         cap = self.capacity(t_local, k, num_experts)
         e_local = num_experts // ep
         dtype = routed.dtype
-        row_spec = P(bax, None)
+        exchange = _exchange_ragged if self._ragged() else _exchange_dense
 
         def local(x, experts, w_gate, w_up, w_down):
             d = x.shape[-1]
@@ -79,31 +96,69 @@ class ExpertParallelDispatcher:
             dest, local_e = flat // e_local, flat % e_local
             pos = _rank_within(dest, ep)
             keep = pos < cap
-            slot = jnp.where(keep, pos, cap)  # out of range: dropped
             rows = jnp.repeat(x, k, axis=0)
-            send_x = jnp.zeros((ep, cap, d), x.dtype).at[dest, slot].set(rows, mode="drop")
-            send_e = jnp.full((ep, cap), -1, jnp.int32).at[dest, slot].set(local_e, mode="drop")
-            recv_x = jax.lax.all_to_all(send_x, ep_axis, 0, 0)
-            recv_e = jax.lax.all_to_all(send_e, ep_axis, 0, 0).reshape(-1)
+            recv_x, recv_e, send_back = exchange(rows, local_e, dest, pos, keep, ep, cap, ep_axis)
             valid = recv_e >= 0
             layout = gm.make_layout(jnp.where(valid, recv_e, 0), e_local, valid=valid)
-            y = expert_ffn((w_gate, w_up, w_down), gm.scatter_rows(recv_x.reshape(-1, d), layout),
-                           layout, dtype)
-            y = gm.gather_rows(y, layout).reshape(ep, cap, d)
-            y = jax.lax.psum(y, tp_axis)  # partial sums of a tensor-split FFN width
-            back = jax.lax.all_to_all(y, ep_axis, 0, 0)
-            out = back.at[dest, slot].get(mode="fill", fill_value=0)
-            counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
-            dropped = jnp.sum(~keep).astype(jnp.int32)
-            counts = jax.lax.psum(counts, bax)
-            dropped = jax.lax.psum(dropped, bax)
+            y = expert_ffn((w_gate, w_up, w_down), gm.scatter_rows(recv_x, layout), layout, dtype)
+            y = jax.lax.psum(gm.gather_rows(y, layout), tp_axis)  # tensor-split FFN partial sums
+            out = jnp.where(keep[:, None], send_back(y), 0)
+            counts = jax.lax.psum(jnp.zeros((num_experts,), jnp.int32).at[flat].add(1), bax)
+            dropped = jax.lax.psum(jnp.sum(~keep).astype(jnp.int32), bax)
             return out.reshape(-1, k, d), counts, dropped
 
-        w_spec = P(ep_axis, None, tp_axis)
-        w_down_spec = P(ep_axis, tp_axis, None)
+        row_spec = P(bax, None)
+        w_spec, w_down_spec = P(ep_axis, None, tp_axis), P(ep_axis, tp_axis, None)
         fn = jax.shard_map(
             local, mesh=mesh,
             in_specs=(row_spec, row_spec, w_spec, w_spec, w_down_spec),
             out_specs=(P(bax, None, None), P(), P()),
             check_vma=True)
         return fn(x, experts, *routed.weights)
+
+
+def _exchange_dense(rows, local_e, dest, pos, keep, ep, cap, axis):
+    """Fixed [ep, cap] buckets through `all_to_all`; returns received rows, their local expert
+    ids (-1: empty slot) and a function sending results back into the rows' order."""
+    d = rows.shape[-1]
+    slot = jnp.where(keep, pos, cap)  # out of range: dropped
+    send_x = jnp.zeros((ep, cap, d), rows.dtype).at[dest, slot].set(rows, mode="drop")
+    send_e = jnp.full((ep, cap), -1, jnp.int32).at[dest, slot].set(local_e, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x, axis, 0, 0).reshape(ep * cap, d)
+    recv_e = jax.lax.all_to_all(send_e, axis, 0, 0).reshape(-1)
+
+    def send_back(y):
+        back = jax.lax.all_to_all(y.reshape(ep, cap, d), axis, 0, 0)
+        return back.at[dest, slot].get(mode="fill", fill_value=0)
+
+    return recv_x, recv_e, send_back
+
+
+def _exchange_ragged(rows, local_e, dest, pos, keep, ep, cap, axis):
+    """Only the routed rows travel (`ragged_all_to_all`): rows sorted by destination are sent
+    as one slice per peer; each receiver packs its sources' slices one after another."""
+    n, d = rows.shape
+    send_sizes = jnp.minimum(jnp.zeros((ep,), jnp.int32).at[dest].add(1), cap)
+    send_off = _offsets(send_sizes)
+    where = jnp.where(keep, send_off[dest] + pos, n)  # position in the sorted send buffer
+    send_x = jnp.zeros((n, d), rows.dtype).at[where].set(rows, mode="drop")
+    send_e = jnp.full((n,), -1, jnp.int32).at[where].set(local_e, mode="drop")
+    recv_sizes = jax.lax.all_to_all(send_sizes, axis, 0, 0, tiled=True)
+    recv_off = _offsets(recv_sizes)
+    # where my slice lands on each receiver: the offset that receiver gave me
+    out_off = jax.lax.all_to_all(recv_off, axis, 0, 0, tiled=True)
+    size = ep * cap
+    recv_x = jax.lax.ragged_all_to_all(send_x, jnp.zeros((size, d), rows.dtype), send_off,
+                                       send_sizes, out_off, recv_sizes, axis_name=axis)
+    recv_e = jax.lax.ragged_all_to_all(send_e[:, None], jnp.full((size, 1), -1, jnp.int32), send_off,
+                                       send_sizes, out_off, recv_sizes, axis_name=axis)[:, 0]
+
+    def send_back(y):
+        back = jax.lax.ragged_all_to_all(y, jnp.zeros((n, d), y.dtype), recv_off, recv_sizes,
+                                         send_off_at_source(), send_sizes, axis_name=axis)
+        return back.at[where].get(mode="fill", fill_value=0)
+
+    def send_off_at_source():
+        return jax.lax.all_to_all(send_off, axis, 0, 0, tiled=True)
+
+    return recv_x, recv_e, send_back

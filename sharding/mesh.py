@@ -64,9 +64,19 @@ def make_mesh(spec: str = "", devices=None) -> Mesh:
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec or "data=-1", len(devices))
-    devices.sort(key=lambda d: (d.process_index, d.id))
-    grid = np.array(devices, dtype=object).reshape([sizes[a] for a in AXES])
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return Mesh(device_grid(devices, sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(devices, sizes: dict[str, int]) -> np.ndarray:
+    """Devices arranged [pipeline, data, fsdp, expert, tensor], ordered by (process, id).
+
+    The innermost axes take consecutive devices, which belong to one process (host) as long
+    as expert x tensor fits in it: those groups never cross the slower inter-host network.
+    """
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.empty(len(ordered), dtype=object)
+    grid[:] = ordered
+    return grid.reshape([sizes[a] for a in AXES])
 
 
 def describe(mesh: Mesh) -> str:

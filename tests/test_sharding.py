@@ -158,3 +158,35 @@ def test_batch_not_divisible_by_the_mesh_is_a_clear_error():
     model = init_model(CFG, mesh=mesh)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="batch dimension of size 6 is not divisible by 8"):
         nnx.jit(lambda m, x: m(x))(model, IDS[:6])
+
+
+def test_multi_host_grid_keeps_expert_and_tensor_inside_a_host():
+    """2 hosts x 4 devices, listed out of order: every expert x tensor group is one host's."""
+    from collections import namedtuple
+
+    from sharding.mesh import AXES, device_grid, parse_mesh_spec
+    Dev = namedtuple("Dev", "id process_index")
+    devices = [Dev(i, i // 4) for i in (5, 0, 7, 2, 1, 6, 3, 4)]
+    grid = device_grid(devices, parse_mesh_spec("data=2,expert=2,tensor=2", 8))
+    assert grid.shape == tuple(parse_mesh_spec("data=2,expert=2,tensor=2", 8)[a] for a in AXES)
+    for d in range(2):
+        group = grid[0, d, 0].ravel()  # the expert x tensor block of data index d
+        assert len({dev.process_index for dev in group}) == 1, group
+
+
+def test_ragged_all_to_all_path_lowers_with_gradients():
+    """The GPU/TPU path (XLA:CPU cannot compile ragged-all-to-all): it traces, differentiates
+    and lowers; 'auto' picks the dense path on CPU."""
+    from sharding.expert_parallel import ExpertParallelDispatcher
+    from dsv3_jax.model import abstract_model
+    mesh = make_mesh("data=2,expert=4")
+    assert not ExpertParallelDispatcher(mesh)._ragged()
+    model = abstract_model(CFG.replace(num_nextn_predict_layers=0), mesh=mesh)
+    for _, mod in nnx.iter_graph(model):
+        if hasattr(mod, "dispatcher"):
+            mod.dispatcher = ExpertParallelDispatcher(mesh, collective="ragged")
+    gd, st = nnx.split(model)
+    ids = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.grad(lambda st, ids: nnx.merge(gd, st)(ids).sum())).lower(st, ids).as_text()
+    assert "ragged_all_to_all" in text and "all_to_all" in text
