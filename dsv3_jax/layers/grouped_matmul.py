@@ -11,6 +11,7 @@ dense emulation whose cost grows with the number of groups (see benchmarks/).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +28,13 @@ class GroupedLayout:
     dest: Int[Array, "rows"]          # row -> position in the buffer (== size: not routed)
     tile_group: Int[Array, "tiles"]   # tile -> expert
     group_sizes: Int[Array, "groups"] # routed rows per expert (unpadded)
+    used_tiles: Int[Array, ""]        # tiles holding rows; the rest of the buffer is padding
     tile: int
     size: int                         # static buffer length (a multiple of tile)
 
 
 jax.tree_util.register_dataclass(
-    GroupedLayout, data_fields=["dest", "tile_group", "group_sizes"], meta_fields=["tile", "size"])
+    GroupedLayout, data_fields=["dest", "tile_group", "group_sizes", "used_tiles"], meta_fields=["tile", "size"])
 
 
 def choose_tile(rows: int, groups: int) -> int:
@@ -68,7 +70,8 @@ def make_layout(group_ids: Int[Array, "rows"], num_groups: int, *, tile: int | N
     tile_start = jnp.arange(size // tile) * tile
     tile_group = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), num_groups - 1)
     return GroupedLayout(dest=dest.astype(jnp.int32), tile_group=tile_group.astype(jnp.int32),
-                         group_sizes=group_sizes, tile=tile, size=size)
+                         group_sizes=group_sizes, used_tiles=(padded.sum() // tile).astype(jnp.int32),
+                         tile=tile, size=size)
 
 
 def scatter_rows(x: Float[Array, "rows d"], layout: GroupedLayout) -> Float[Array, "size d"]:
@@ -84,15 +87,105 @@ def gather_rows(buf: Float[Array, "size d"], layout: GroupedLayout) -> Float[Arr
 
 def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"], layout: GroupedLayout,
                    dtype) -> Float[Array, "size n"]:
-    """Tile t of `x` times `w[tile_group[t]]`, in `dtype`, accumulated in fp32."""
-    tiles = layout.size // layout.tile
-    k, n = w.shape[1], w.shape[2]
-    xt = x.reshape(tiles, layout.tile, k).astype(dtype)
+    """Tile t of `x` times `w[tile_group[t]]`, in `dtype`, accumulated in fp32.
+
+    Tiles are processed in chunks (a scan); each chunk gathers its tiles' expert weights
+    (bounded to `_CHUNK_ELEMENTS`), and chunks wholly past `used_tiles` (the static worst-case
+    padding) are skipped, forward and backward, so the work follows the routed rows.
+    """
+    x, w = x.astype(dtype), w.astype(dtype)
+    # Inside shard_map, give x and w the same "varying" axes before the custom VJP: the implicit
+    # broadcasts this inserts transpose to the psums that sum dx over tensor shards and dW over
+    # batch shards, which a hand-written backward could not know.
+    x, w = x + _zeros_varying_like((), dtype, w), w + _zeros_varying_like((), dtype, x)
+    return _gmm(x, w, layout.tile_group, layout.used_tiles, layout.tile)
+
+
+def _zeros_varying_like(shape, dtype, *deps):
+    """Zeros typed as varying over the same shard_map axes as `deps`, so both `cond` branches
+    match under `check_vma` (a select on a constant False: no arithmetic on `deps`, which may
+    hold inf)."""
+    z = jnp.zeros(shape, dtype)
+    for d in deps:
+        z = z + jnp.where(False, d.reshape(-1)[0], 0).astype(dtype)
+    return z
+
+
+def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, *arrays):
+    """Scan `fn(tile_group_chunk, *array_chunks)` over chunks of tiles, skipping unused chunks.
+
+    Each array is [tiles, ...]; `w` is what `fn` closes over (for typing the skipped branch).
+    Results are concatenated back to [tiles, ...]."""
+    chunk = max(1, min(tiles, _CHUNK_ELEMENTS // max(1, per_tile_elements)))
+    n_chunks = -(-tiles // chunk)
+    pad = n_chunks * chunk - tiles
+
+    def split(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((n_chunks, chunk) + a.shape[1:])
+
+    def body(_, args):
+        c, gs, *xs = args
+        out_shape = jax.eval_shape(fn, gs, *xs)
+        out = jax.lax.cond(
+            c * chunk < used_tiles, fn,
+            lambda *a: _zeros_varying_like(out_shape.shape, out_shape.dtype, w, *a), gs, *xs)
+        return None, out
+
+    _, out = jax.lax.scan(body, None, (jnp.arange(n_chunks), split(tile_group), *map(split, arrays)))
+    return out.reshape((n_chunks * chunk,) + out.shape[2:])[:tiles]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm(x, w, tile_group, used_tiles, tile):
+    tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
+    xt = x.reshape(tiles, tile, k)
+
+    def fn(gs, xs):
+        return jnp.einsum("tmk,tkn->tmn", xs, w[gs], preferred_element_type=jnp.float32).astype(x.dtype)
+
+    return _chunked(fn, tile_group, used_tiles, tiles, k * n, w, xt).reshape(x.shape[0], n)
+
+
+def _gmm_fwd(x, w, tile_group, used_tiles, tile):
+    return _gmm(x, w, tile_group, used_tiles, tile), (x, w, tile_group, used_tiles)
+
+
+def _gmm_bwd(tile, res, dy):
+    x, w, tile_group, used_tiles = res
+    tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
+    xt, dyt = x.reshape(tiles, tile, k), dy.reshape(tiles, tile, n).astype(x.dtype)
+
+    def dx_fn(gs, dys):
+        return jnp.einsum("tmn,tkn->tmk", dys, w[gs], preferred_element_type=jnp.float32).astype(x.dtype)
+
+    dx = _chunked(dx_fn, tile_group, used_tiles, tiles, k * n, w, dyt).reshape(x.shape)
+    return dx, _weight_grad(xt, dyt, tile_group, used_tiles, w.shape[0]).astype(w.dtype), None, None
+
+
+def _weight_grad(xt, dyt, tile_group, used_tiles, groups: int):
+    """dW[g] = sum over g's tiles of x_t^T dy_t, accumulated chunk by chunk in fp32."""
+    tiles, _, k = xt.shape
+    n = dyt.shape[-1]
     chunk = max(1, min(tiles, _CHUNK_ELEMENTS // max(1, k * n)))
+    n_chunks = -(-tiles // chunk)
+    pad = n_chunks * chunk - tiles
+    xs = jnp.pad(xt, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk, -1, k)
+    dys = jnp.pad(dyt, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk, -1, n)
+    gs = jnp.pad(tile_group, (0, pad)).reshape(n_chunks, chunk)
 
-    def one_tile(args):
-        xs, g = args
-        return jnp.dot(xs, w[g].astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    def body(dw, args):
+        c, g, x, dy = args
 
-    out = jax.lax.map(one_tile, (xt, layout.tile_group), batch_size=chunk)
-    return out.reshape(layout.size, n)
+        def add(dw):
+            per_tile = jnp.einsum("tmk,tmn->tkn", x, dy, preferred_element_type=jnp.float32)
+            return dw.at[g].add(per_tile)
+
+        return jax.lax.cond(c * chunk < used_tiles, add, lambda dw: dw, dw), None
+
+    dw0 = _zeros_varying_like((groups, k, n), jnp.float32, xt, dyt, tile_group)
+    dw, _ = jax.lax.scan(body, dw0, (jnp.arange(n_chunks), gs, xs, dys))
+    return dw
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
