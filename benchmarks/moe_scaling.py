@@ -12,20 +12,22 @@ Appends the table to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import platform
+import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dsv3_jax import ModelConfig
-from dsv3_jax.layers.grouped_matmul import choose_tile
-from dsv3_jax.layers.moe import MoE
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from _common import append_section, table  # noqa: E402
+from dsv3_jax import ModelConfig  # noqa: E402
+from dsv3_jax.layers.grouped_matmul import choose_tile  # noqa: E402
+from dsv3_jax.layers.moe import MoE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,36 +82,28 @@ def main() -> None:
         rows.append((e, choose_tile(args.tokens * args.top_k, e), secs, gflops))
         print(f"experts {e:4d}: {secs * 1e3:8.1f} ms  ({gflops:.1f} GFLOP compiled)", flush=True)
     t0 = rows[0][2]
-    table = ["| routed experts | tile rows | fwd+bwd ms | vs first | XLA cost GFLOP (loop bodies once) |",
-             "|---:|---:|---:|---:|---:|"]
-    table += [f"| {e} | {tile} | {s * 1e3:.1f} | {s / t0:.2f}x | {g:.1f} |" for e, tile, s, g in rows]
+    scaling = table(["routed experts", "tile rows", "fwd+bwd ms", "vs first",
+                     "XLA cost GFLOP (loop bodies once)"],
+                    [[e, tile, f"{s * 1e3:.1f}", f"{s / t0:.2f}x", f"{g:.1f}"] for e, tile, s, g in rows])
 
     v3 = ModelConfig.from_json(ROOT / "configs" / "deepseek-v3-671b.json")
-    a2a = ["| config | tokens/device | expert axis | fixed buffers (MB) | ragged ideal (MB) |",
-           "|---|---:|---:|---:|---:|"]
+    a2a_rows = []
     for name, cfg, t, ep in [("this benchmark, 256 experts", base.replace(n_routed_experts=256), args.tokens, 8),
                              ("DeepSeek-V3 671B, bf16", v3, 4096, 8), ("DeepSeek-V3 671B, bf16", v3, 4096, 64)]:
         fixed, ragged = all_to_all_bytes(cfg, t, ep, 2 if "bf16" in name else 4)
-        a2a.append(f"| {name} | {t} | {ep} | {fixed / 1e6:.0f} | {ragged / 1e6:.0f} |")
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    section = "\n".join([
-        f"\n## MoE layer scaling with routed experts ({datetime.date.today()})\n",
-        f"Device: CPU, {cpu}, {jax.device_count()} JAX device(s), jax {jax.__version__}. One MoE "
-        f"layer (no shared expert), {args.tokens} tokens, top-{args.top_k}, hidden {args.hidden}, "
-        f"expert width {args.width}, fp32, value_and_grad, best of {args.repeats}.",
-        "Command: `.venv/bin/python benchmarks/moe_scaling.py`\n", *table,
-        f"\nGoal: 256 experts within 1.5x of 16: **{rows[-1][2] / t0:.2f}x**.\n",
+        a2a_rows.append([name, t, ep, f"{fixed / 1e6:.0f}", f"{ragged / 1e6:.0f}"])
+    a2a = table(["config", "tokens/device", "expert axis", "fixed buffers (MB)", "ragged ideal (MB)"],
+                a2a_rows)
+    body = "\n".join([
+        f"One MoE layer (no shared expert), {args.tokens} tokens, top-{args.top_k}, hidden "
+        f"{args.hidden}, expert width {args.width}, fp32, value_and_grad, best of {args.repeats}.\n",
+        scaling, f"\n{rows[-1][0]} experts vs {rows[0][0]}: **{rows[-1][2] / t0:.2f}x** (goal for 256 vs 16: "
+        "within 1.5x).\n",
         "All-to-all bytes per device per MoE layer and step (forward + backward, dispatch + "
-        "return), from the config:\n", *a2a, ""])
-    print(section)
+        "return), from the config:\n", a2a])
+    print(body)
     if args.append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(section)
+        append_section("MoE layer scaling with routed experts", body)
 
 
 if __name__ == "__main__":
