@@ -30,15 +30,6 @@ from dsv3_jax.layers.moe import expert_ffn
 from sharding.rules import batch_axes
 
 
-def _rank_within(groups: jax.Array, num_groups: int) -> jax.Array:
-    """For each element, how many earlier elements share its group (stable)."""
-    order = jnp.argsort(groups, stable=True)
-    counts = jnp.zeros((num_groups,), jnp.int32).at[groups].add(1)
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(groups.shape[0], dtype=jnp.int32) - starts[groups[order]]
-    return jnp.zeros_like(groups).at[order].set(rank_sorted)
-
-
 def _offsets(sizes: jax.Array) -> jax.Array:
     return jnp.cumsum(sizes) - sizes
 
@@ -94,7 +85,7 @@ class ExpertParallelDispatcher:
             d = x.shape[-1]
             flat = experts.reshape(-1)
             dest, local_e = flat // e_local, flat % e_local
-            pos = _rank_within(dest, ep)
+            pos = gm.rank_within_group(dest, ep)
             keep = pos < cap
             rows = jnp.repeat(x, k, axis=0)
             recv_x, recv_e, send_back = exchange(rows, local_e, dest, pos, keep, ep, cap, ep_axis)

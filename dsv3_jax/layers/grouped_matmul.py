@@ -2,9 +2,9 @@
 
 The layout: the (token, expert) rows sorted by expert, each expert's group padded to a
 multiple of a tile of `tile` rows, so every tile belongs to exactly one expert. Each tile is
-multiplied by its own expert's weight, chunk by chunk, so FLOPs and memory grow with the
-number of routed rows (plus at most `tile - 1` padding rows per expert), never with
-experts x tokens. `jax.lax.ragged_dot` is not used by default: on XLA:CPU and XLA:GPU it is a
+multiplied by its own expert's weight, chunk by chunk; chunks past the rows actually routed
+are skipped (forward and backward, a custom VJP), so FLOPs and memory grow with the number
+of routed rows (plus at most `tile - 1` padding rows per expert), never with experts x tokens. `jax.lax.ragged_dot` is not used by default: on XLA:CPU and XLA:GPU it is a
 dense emulation whose cost grows with the number of groups (see benchmarks/).
 """
 
@@ -15,7 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 # Gathered expert weights per chunk are bounded by this many elements (64 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 24
@@ -34,7 +34,8 @@ class GroupedLayout:
 
 
 jax.tree_util.register_dataclass(
-    GroupedLayout, data_fields=["dest", "tile_group", "group_sizes", "used_tiles"], meta_fields=["tile", "size"])
+    GroupedLayout, data_fields=["dest", "tile_group", "group_sizes", "used_tiles"],
+    meta_fields=["tile", "size"])
 
 
 def choose_tile(rows: int, groups: int) -> int:
@@ -46,8 +47,17 @@ def choose_tile(rows: int, groups: int) -> int:
     return tile
 
 
+def rank_within_group(groups: Int[Array, "rows"], num_groups: int) -> Int[Array, "rows"]:
+    """For each row, how many earlier rows share its group (a stable counting sort)."""
+    order = jnp.argsort(groups, stable=True)
+    counts = jnp.zeros((num_groups,), jnp.int32).at[groups].add(1)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(groups.shape[0], dtype=jnp.int32) - starts[groups[order]]
+    return jnp.zeros(groups.shape, jnp.int32).at[order].set(rank_sorted)
+
+
 def make_layout(group_ids: Int[Array, "rows"], num_groups: int, *, tile: int | None = None,
-                valid: Int[Array, "rows"] | None = None) -> GroupedLayout:
+                valid: Bool[Array, "rows"] | None = None) -> GroupedLayout:
     """Layout for rows tagged with their group (expert) ids; rows with valid=False are skipped."""
     rows = group_ids.shape[0]
     tile = tile or choose_tile(rows, num_groups)
@@ -59,12 +69,7 @@ def make_layout(group_ids: Int[Array, "rows"], num_groups: int, *, tile: int | N
     group_sizes = counts[:num_groups]
     padded = -(-group_sizes // tile) * tile
     padded_start = jnp.cumsum(padded) - padded
-    # rank of each row inside its group, in row order (stable)
-    order = jnp.argsort(gid, stable=True)
-    sorted_gid = gid[order]
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(rows) - starts[sorted_gid]
-    rank = jnp.zeros((rows,), jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    rank = rank_within_group(gid, num_groups + 1)
     dest = jnp.where(valid, padded_start[jnp.minimum(gid, num_groups - 1)] + rank, size)
     padded_end = jnp.cumsum(padded)
     tile_start = jnp.arange(size // tile) * tile
