@@ -17,7 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.linear import einsum, param
+from dsv3_jax.layers.linear import param
 from dsv3_jax.layers.mla import MLA
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE

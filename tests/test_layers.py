@@ -1,6 +1,5 @@
 """Layers against independent references: SPEC numbers, float64 NumPy, dense oracles."""
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.linear import einsum, param
