@@ -67,8 +67,14 @@ def test_sharded_forward_and_gradients_match_single_device(spec, reference):
         assert _rel(g[k], rg[k]) <= 1e-5, (k, _rel(g[k], rg[k]))
 
 
+@pytest.fixture(scope="module")
+def loaded_reference():
+    return _run(load_hf(FIXTURES / "v3_mtp", dtype=jnp.float32))
+
+
 @pytest.mark.parametrize("spec", MESHES)
-def test_load_hf_onto_a_mesh(spec):
+def test_load_hf_onto_a_mesh(spec, loaded_reference):
+    """Each device reads its own shards; logits match transformers, gradients the 1-device run."""
     ref = np.load(FIXTURES / "v3_mtp" / "reference.npz")
     ids = jnp.asarray(np.tile(ref["input_ids"], (4, 1)))
     mesh = make_mesh(spec)
@@ -82,6 +88,10 @@ def test_load_hf_onto_a_mesh(spec):
     assert experts.sharding.is_equivalent_to(NamedSharding(mesh, want), experts.ndim)
     assert len(experts.sharding.device_set) == 8
     assert experts.sharding.is_fully_replicated == (spec == "data=8")
+    _, _, grads = _run(model, mesh)
+    g, rg = _grads_by_path(grads), _grads_by_path(loaded_reference[2])
+    for k in rg:
+        assert _rel(g[k], rg[k]) <= 1e-5, (k, _rel(g[k], rg[k]))
 
 
 def _skew(model, mesh_experts_per_shard):
