@@ -131,11 +131,15 @@ def _dgrad(dy2: jax.Array, qw: QuantizedWeight) -> jax.Array:
     return _scaled_dot(qdy, sdy, qwt, _expand_cols(qw.scale.T, tk, k), tn)
 
 
-def _wgrad(x2: jax.Array, dy2: jax.Array) -> jax.Array:
-    """x^T @ dy: both in 128-token tiles (1 x 128 tiles of x^T and of dy^T)."""
-    qxt, sxt = quantize_tiles(x2.T, BLOCK)     # [k, Mp], [k, Mb]
-    qdyt, sdyt = quantize_tiles(dy2.T, BLOCK)  # [n, Mp], [n, Mb]
-    return _scaled_dot(qxt, sxt, qdyt.T, sdyt.T, BLOCK)
+def _wgrad(x2: jax.Array, dy2: jax.Array, tile: int = BLOCK) -> jax.Array:
+    """x^T @ dy: both in `tile`-token tiles (1 x tile tiles of x^T and of dy^T)."""
+    qxt, sxt = quantize_tiles(x2.T, tile)     # [k, Mp], [k, Mb]
+    qdyt, sdyt = quantize_tiles(dy2.T, tile)  # [n, Mp], [n, Mb]
+    return _scaled_dot(qxt, sxt, qdyt.T, sdyt.T, tile)
+
+
+# The three e4m3 products, for callers that arrange their own operands (grouped experts).
+fp8_forward, fp8_dgrad, fp8_wgrad = _forward, _dgrad, _wgrad
 
 
 @jax.custom_vjp

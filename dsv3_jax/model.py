@@ -17,7 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.linear import param
+from dsv3_jax.layers.linear import Precision, as_precision, param
 from dsv3_jax.layers.mla import MLA
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE
@@ -103,7 +103,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False, dispatcher=None):
         self.cfg = cfg
-        self.dtype = dtype
+        self.dtype = as_precision(dtype).dtype
         self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, dispatcher=dispatcher)
         D, V = cfg.hidden_size, cfg.vocab_size
@@ -176,7 +176,8 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float
                    ) -> Transformer:
     """The model's structure with shape-only parameters (nothing allocated).
 
-    With a `mesh`, MoE layers get the expert-parallel dispatcher (sharding/expert_parallel.py).
+    `dtype` is a compute dtype or a `Precision` (e.g. `Precision.named("fp8")`). With a `mesh`,
+    MoE layers get the expert-parallel dispatcher (sharding/expert_parallel.py).
     """
     dispatcher = None
     if mesh is not None:
@@ -197,15 +198,19 @@ def place(value, var: nnx.Variable, mesh) -> jax.Array:
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: bool = False, mesh=None, capacity_factor: float | None = None) -> Transformer:
+               remat: bool = False, mesh=None, capacity_factor: float | None = None,
+               precision: str | None = None) -> Transformer:
     """A randomly initialised model, fast: shapes from `nnx.eval_shape`, values from NumPy.
 
     Same distributions as `Transformer(cfg, rngs=...)` (normal(0, std) weights, unit norm gains,
     zero routing bias) without compiling an XLA random op per parameter shape, which on CPU
     costs tens of seconds even for the tiny config. With a `mesh`, each parameter is drawn on
     the host and only its shards go to the devices (`sharding/rules.py`); values do not depend
-    on the mesh.
+    on the mesh. `precision` ("fp32", "bf16", "fp8") overrides `dtype`; parameters stay in
+    `param_dtype` (fp32 master weights by default).
     """
+    if precision is not None:
+        dtype = Precision.named(precision)
     model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh,
                            capacity_factor=capacity_factor)
     rng = np.random.default_rng(seed)

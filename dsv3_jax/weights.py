@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.linear import Precision, as_precision
 from dsv3_jax.model import Transformer, abstract_model
 from dsv3_jax.safetensors_io import CheckpointError, CheckpointReader
 from sharding.rules import variable_sharding
@@ -193,11 +194,13 @@ def _block_reader(reader: CheckpointReader, cfg: ModelConfig, group: list[Entry]
 
 
 def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
-            mtp: bool = True, capacity_factor: float | None = None) -> Transformer:
+            mtp: bool = True, capacity_factor: float | None = None,
+            precision: str | None = None) -> Transformer:
     """A ready model from a HF checkpoint folder (bf16, fp32 or FP8 block-quantized).
 
-    `dtype` is the compute dtype, `param_dtype` the stored one (default: `dtype`); the routing
-    bias stays fp32. `mtp=False` skips the MTP layer. With a `mesh` (sharding.make_mesh) each
+    `precision` ("fp32", "bf16", "fp8": bf16 activations with block-scaled e4m3 projections
+    and experts) sets the compute; without it `dtype` is the compute dtype. `param_dtype` is
+    the stored one (default: the compute dtype); the routing bias stays fp32. `mtp=False` skips the MTP layer. With a `mesh` (sharding.make_mesh) each
     parameter is placed by the logical-axis rules as it is read, each device reading only its
     own shard's tensors, and MoE layers dispatch expert-parallel (`capacity_factor` None:
     dropless).
@@ -206,7 +209,9 @@ def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None
     cfg = ModelConfig.from_json(path)
     if not mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    param_dtype = param_dtype or dtype
+    if precision is not None:
+        dtype = Precision.named(precision)
+    param_dtype = param_dtype or as_precision(dtype).dtype
     reader = CheckpointReader(path)
     entries = key_map(cfg)
     _check_keys(reader, cfg, entries, path)

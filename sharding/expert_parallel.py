@@ -78,7 +78,7 @@ class ExpertParallelDispatcher:
         t_local, k = x.shape[0] // shards, experts.shape[1]
         cap = self.capacity(t_local, k, num_experts)
         e_local = num_experts // ep
-        dtype = routed.dtype
+        precision = routed.precision
         exchange = _exchange_ragged if self._ragged() else _exchange_dense
 
         def local(x, experts, w_gate, w_up, w_down):
@@ -91,7 +91,8 @@ class ExpertParallelDispatcher:
             recv_x, recv_e, send_back = exchange(rows, local_e, dest, pos, keep, ep, cap, ep_axis)
             valid = recv_e >= 0
             layout = gm.make_layout(jnp.where(valid, recv_e, 0), e_local, valid=valid)
-            y = expert_ffn((w_gate, w_up, w_down), gm.scatter_rows(recv_x, layout), layout, dtype)
+            y = expert_ffn((w_gate, w_up, w_down), gm.scatter_rows(recv_x, layout), layout,
+                           precision)
             y = jax.lax.psum(gm.gather_rows(y, layout), tp_axis)  # tensor-split FFN partial sums
             out = jnp.where(keep[:, None], send_back(y), 0)
             counts = jax.lax.psum(jnp.zeros((num_experts,), jnp.int32).at[flat].add(1), bax)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from dsv3_jax import fp8 as f8
+
 # Gathered expert weights per chunk are bounded by this many elements (64 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -91,19 +93,21 @@ def gather_rows(buf: Float[Array, "size d"], layout: GroupedLayout) -> Float[Arr
 
 
 def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"], layout: GroupedLayout,
-                   dtype) -> Float[Array, "size n"]:
+                   dtype, fp8: bool = False) -> Float[Array, "size n"]:
     """Tile t of `x` times `w[tile_group[t]]`, in `dtype`, accumulated in fp32.
 
     Tiles are processed in chunks (a scan); each chunk gathers its tiles' expert weights
     (bounded to `_CHUNK_ELEMENTS`), and chunks wholly past `used_tiles` (the static worst-case
-    padding) are skipped, forward and backward, so the work follows the routed rows.
+    padding) are skipped, forward and backward, so the work follows the routed rows. With
+    `fp8`, every product (forward, dgrad, wgrad) is block-scaled e4m3 (dsv3_jax/fp8.py).
     """
-    x, w = x.astype(dtype), w.astype(dtype)
+    # FP8 quantizes the weights from their stored (master) values, not from a bf16 copy.
+    x, w = x.astype(dtype), (w if fp8 else w.astype(dtype))
     # Inside shard_map, give x and w the same "varying" axes before the custom VJP: the implicit
     # broadcasts this inserts transpose to the psums that sum dx over tensor shards and dW over
     # batch shards, which a hand-written backward could not know.
-    x, w = x + _zeros_varying_like((), dtype, w), w + _zeros_varying_like((), dtype, x)
-    return _gmm(x, w, layout.tile_group, layout.used_tiles, layout.tile)
+    x, w = x + _zeros_varying_like((), x.dtype, w), w + _zeros_varying_like((), w.dtype, x)
+    return _gmm(x, w, layout.tile_group, layout.used_tiles, layout.tile, fp8)
 
 
 def _zeros_varying_like(shape, dtype, *deps):
@@ -141,34 +145,62 @@ def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, 
     return out.reshape((n_chunks * chunk,) + out.shape[2:])[:tiles]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(x, w, tile_group, used_tiles, tile):
+def _tile_products(w, use_fp8: bool):
+    """Per-tile forward and dgrad products against each tile's expert weight."""
+    if not use_fp8:
+        def fwd(gs, xs):
+            return jnp.einsum("tmk,tkn->tmn", xs, w[gs], preferred_element_type=jnp.float32)
+
+        def dgrad(gs, dys):
+            return jnp.einsum("tmn,tkn->tmk", dys, w[gs], preferred_element_type=jnp.float32)
+        return fwd, dgrad
+    qw = jax.vmap(f8.quantize_weight)(w)  # each expert in 128 x 128 blocks
+
+    def one(g):
+        return f8.QuantizedWeight(qw.q[g], qw.scale[g], qw.block)
+
+    def fwd(gs, xs):
+        return jax.vmap(lambda g, x: f8.fp8_forward(x, one(g)))(gs, xs)
+
+    def dgrad(gs, dys):
+        return jax.vmap(lambda g, dy: f8.fp8_dgrad(dy, one(g)))(gs, dys)
+    return fwd, dgrad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _gmm(x, w, tile_group, used_tiles, tile, use_fp8):
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
-    xt = x.reshape(tiles, tile, k)
+    product, _ = _tile_products(w, use_fp8)
 
     def fn(gs, xs):
-        return jnp.einsum("tmk,tkn->tmn", xs, w[gs], preferred_element_type=jnp.float32).astype(x.dtype)
+        return product(gs, xs).astype(x.dtype)
 
-    return _chunked(fn, tile_group, used_tiles, tiles, k * n, w, xt).reshape(x.shape[0], n)
-
-
-def _gmm_fwd(x, w, tile_group, used_tiles, tile):
-    return _gmm(x, w, tile_group, used_tiles, tile), (x, w, tile_group, used_tiles)
+    return _chunked(fn, tile_group, used_tiles, tiles, k * n, w,
+                    x.reshape(tiles, tile, k)).reshape(x.shape[0], n)
 
 
-def _gmm_bwd(tile, res, dy):
+def _gmm_fwd(x, w, tile_group, used_tiles, tile, use_fp8):
+    return _gmm(x, w, tile_group, used_tiles, tile, use_fp8), (x, w, tile_group, used_tiles)
+
+
+def _gmm_bwd(tile, use_fp8, res, dy):
     x, w, tile_group, used_tiles = res
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
     xt, dyt = x.reshape(tiles, tile, k), dy.reshape(tiles, tile, n).astype(x.dtype)
+    _, dgrad = _tile_products(w, use_fp8)
 
     def dx_fn(gs, dys):
-        return jnp.einsum("tmn,tkn->tmk", dys, w[gs], preferred_element_type=jnp.float32).astype(x.dtype)
+        return dgrad(gs, dys).astype(x.dtype)
 
     dx = _chunked(dx_fn, tile_group, used_tiles, tiles, k * n, w, dyt).reshape(x.shape)
-    return dx, _weight_grad(xt, dyt, tile_group, used_tiles, w.shape[0]).astype(w.dtype), None, None
+    dw = _weight_grad(xt, dyt, tile_group, used_tiles, w.shape[0], use_fp8)
+    return dx, dw.astype(w.dtype), None, None
 
 
-def _weight_grad(xt, dyt, tile_group, used_tiles, groups: int):
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _weight_grad(xt, dyt, tile_group, used_tiles, groups: int, use_fp8: bool = False):
     """dW[g] = sum over g's tiles of x_t^T dy_t, accumulated chunk by chunk in fp32."""
     tiles, _, k = xt.shape
     n = dyt.shape[-1]
@@ -183,7 +215,10 @@ def _weight_grad(xt, dyt, tile_group, used_tiles, groups: int):
         c, g, x, dy = args
 
         def add(dw):
-            per_tile = jnp.einsum("tmk,tmn->tkn", x, dy, preferred_element_type=jnp.float32)
+            if use_fp8:  # x^T dy with each tile's rows as one token tile
+                per_tile = jax.vmap(lambda a, b: f8.fp8_wgrad(a, b, a.shape[0]))(x, dy)
+            else:
+                per_tile = jnp.einsum("tmk,tmn->tkn", x, dy, preferred_element_type=jnp.float32)
             return dw.at[g].add(per_tile)
 
         return jax.lax.cond(c * chunk < used_tiles, add, lambda dw: dw, dw), None

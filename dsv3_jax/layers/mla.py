@@ -14,7 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.linear import einsum, param
+from dsv3_jax.layers.linear import as_precision, param, project
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope
 
@@ -25,7 +25,8 @@ class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         self.cfg = cfg
-        self.dtype = dtype
+        self.precision = as_precision(dtype)
+        self.dtype = self.precision.dtype
         D, H = cfg.hidden_size, cfg.num_attention_heads
         std = cfg.initializer_range
         if cfg.q_lora_rank:
@@ -52,17 +53,17 @@ class MLA(nnx.Module):
               ) -> tuple[Float[Array, "batch seq heads nope"], Float[Array, "batch seq heads rope"]]:
         """Per-head query split into its position-free part and its roped part."""
         if self.cfg.q_lora_rank:
-            c_q = self.q_a_layernorm(einsum("bsd,dr->bsr", x, self.q_a_proj[...], self.dtype))
-            q = einsum("bsr,rhk->bshk", c_q, self.q_b_proj[...], self.dtype)
+            c_q = self.q_a_layernorm(project(x, self.q_a_proj[...], 1, self.precision))
+            q = project(c_q, self.q_b_proj[...], 1, self.precision)
         else:
-            q = einsum("bsd,dhk->bshk", x, self.q_proj[...], self.dtype)
+            q = project(x, self.q_proj[...], 1, self.precision)
         nope = self.cfg.qk_nope_head_dim
         return q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
     def latent(self, x: Float[Array, "batch seq embed"], cos, sin
                ) -> tuple[Float[Array, "batch seq kv_lora"], Float[Array, "batch seq rope"]]:
         """The cacheable part: normed latent `c_kv` and the roped shared key `k_pe`."""
-        kv = einsum("bsd,dc->bsc", x, self.kv_a_proj_with_mqa[...], self.dtype)
+        kv = project(x, self.kv_a_proj_with_mqa[...], 1, self.precision)
         r = self.cfg.kv_lora_rank
         return self.kv_a_layernorm(kv[..., :r]), apply_rope(kv[..., r:], cos, sin)
 
@@ -72,7 +73,7 @@ class MLA(nnx.Module):
         """Causal self-attention over the sequence (the training / prefill path)."""
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        kv = einsum("bsc,chk->bshk", c_kv, self.kv_b_proj[...], self.dtype)
+        kv = project(c_kv, self.kv_b_proj[...], 1, self.precision)
         k_nope, v = kv[..., :self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
         f32 = jnp.float32
         scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
@@ -84,7 +85,7 @@ class MLA(nnx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(f32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=f32).astype(self.dtype)
-        return einsum("bqhd,hde->bqe", o, self.o_proj[...], self.dtype)
+        return project(o, self.o_proj[...], 2, self.precision)
 
 
 def softmax_scale(cfg: ModelConfig) -> float:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from dsv3_jax.layers.linear import einsum, param
+from dsv3_jax.layers.linear import as_precision, param, project
 
 
 class MLP(nnx.Module):
@@ -15,12 +15,12 @@ class MLP(nnx.Module):
 
     def __init__(self, dim: int, intermediate: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, std: float = 0.006):
-        self.dtype = dtype
+        self.precision = as_precision(dtype)
         self.gate_proj = param(rngs, (dim, intermediate), ("embed", "mlp"), dtype=param_dtype, std=std)
         self.up_proj = param(rngs, (dim, intermediate), ("embed", "mlp"), dtype=param_dtype, std=std)
         self.down_proj = param(rngs, (intermediate, dim), ("mlp", "embed"), dtype=param_dtype, std=std)
 
     def __call__(self, x: Float[Array, "... embed"]) -> Float[Array, "... embed"]:
-        g = einsum("...d,df->...f", x, self.gate_proj[...], self.dtype)
-        u = einsum("...d,df->...f", x, self.up_proj[...], self.dtype)
-        return einsum("...f,fd->...d", jax.nn.silu(g) * u, self.down_proj[...], self.dtype)
+        g = project(x, self.gate_proj[...], 1, self.precision)
+        u = project(x, self.up_proj[...], 1, self.precision)
+        return project(jax.nn.silu(g) * u, self.down_proj[...], 1, self.precision)

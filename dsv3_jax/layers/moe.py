@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import grouped_matmul as gm
-from dsv3_jax.layers.linear import param
+from dsv3_jax.layers.linear import Precision, as_precision, param
 from dsv3_jax.layers.mlp import MLP
 
 
@@ -83,7 +83,7 @@ class RoutedExperts(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
-        self.dtype = dtype
+        self.precision = as_precision(dtype)
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         std = cfg.initializer_range
         self.gate_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"),
@@ -101,16 +101,17 @@ class RoutedExperts(nnx.Module):
     def __call__(self, xs: Float[Array, "size embed"], layout: gm.GroupedLayout,
                  ) -> Float[Array, "size embed"]:
         """Each tile of rows through its own expert."""
-        return expert_ffn(self.weights, xs, layout, self.dtype)
+        return expert_ffn(self.weights, xs, layout, self.precision)
 
 
-def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout, dtype
-               ) -> Float[Array, "size embed"]:
+def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout,
+               precision: Precision) -> Float[Array, "size embed"]:
     """SwiGLU of each tile of rows with its own expert's (gate, up, down) weights."""
     w_gate, w_up, w_down = weights
-    g = gm.grouped_matmul(xs, w_gate, layout, dtype)
-    u = gm.grouped_matmul(xs, w_up, layout, dtype)
-    return gm.grouped_matmul(jax.nn.silu(g) * u, w_down, layout, dtype)
+    dtype, fp8 = precision.dtype, precision.fp8
+    g = gm.grouped_matmul(xs, w_gate, layout, dtype, fp8)
+    u = gm.grouped_matmul(xs, w_up, layout, dtype, fp8)
+    return gm.grouped_matmul(jax.nn.silu(g) * u, w_down, layout, dtype, fp8)
 
 
 class Dispatcher(Protocol):
@@ -141,7 +142,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, dispatcher: Dispatcher | None = None):
         self.cfg = cfg
-        self.dtype = dtype
+        self.dtype = as_precision(dtype).dtype
         self.gate = Gate(cfg, rngs=rngs, param_dtype=param_dtype)
         self.experts = RoutedExperts(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.shared_experts = (

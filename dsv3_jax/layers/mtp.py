@@ -13,7 +13,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.linear import einsum, param
+from dsv3_jax.layers.linear import as_precision, param, project
 from dsv3_jax.layers.norm import RMSNorm
 
 
@@ -23,7 +23,7 @@ class MTP(nnx.Module):
     def __init__(self, cfg: ModelConfig, block: nnx.Module, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         D = cfg.hidden_size
-        self.dtype = dtype
+        self.precision = as_precision(dtype)
         self.enorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.hnorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.eh_proj = param(rngs, (2 * D, D), ("embed_concat", "embed"), dtype=param_dtype,
@@ -35,6 +35,6 @@ class MTP(nnx.Module):
                  cos, sin) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], dict]:
         """Returns (block output for the next depth, normed state for the head, block aux)."""
         h = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)
-        h = einsum("bsc,cd->bsd", h, self.eh_proj[...], self.dtype)
+        h = project(h, self.eh_proj[...], 1, self.precision)
         h, aux = self.block(h, cos, sin)
         return h, self.shared_head_norm(h), aux
