@@ -35,8 +35,14 @@ class QuantizedWeight:
     block: tuple[int, int] = (BLOCK, BLOCK)
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return self.q.shape
+
+    def __getitem__(self, index):
+        """`param[...]` on a parameter holding a QuantizedWeight returns it whole."""
+        if index is Ellipsis:
+            return self
+        raise TypeError("a QuantizedWeight is only indexed as a whole (w[...])")
 
     def dequantize(self) -> jax.Array:
         """fp32 [K, N] (for tests and fallbacks)."""

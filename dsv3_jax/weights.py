@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.layers.linear import Precision, as_precision
 from dsv3_jax.model import Transformer, abstract_model
 from dsv3_jax.safetensors_io import CheckpointError, CheckpointReader
@@ -125,24 +126,33 @@ def dequantize_fp8(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int])
     return np.asarray(q).astype(np.float32) * s[:rows, :cols]
 
 
+def _scale_inv(reader: CheckpointReader, cfg: ModelConfig, key: str, shape: tuple) -> np.ndarray:
+    """The checked `weight_scale_inv` of FP8 tensor `key` ([out / b0, in / b1])."""
+    skey = _scale_key(key)
+    if skey not in reader:
+        raise CheckpointError(f"tensor {key!r} is float8 but {skey!r} is missing")
+    block = cfg.fp8_block_size or (128, 128)
+    want_s = tuple(-(-n // b) for n, b in zip(shape, block))
+    if reader.shape(skey) != want_s:
+        raise CheckpointError(f"tensor {skey!r} has shape {list(reader.shape(skey))}, expected "
+                              f"{list(want_s)} for {list(shape)} weights in {block} blocks")
+    return reader.get(skey)
+
+
 def _read(reader: CheckpointReader, cfg: ModelConfig, e: Entry, slice_shape: tuple,
-          dtype: np.dtype) -> np.ndarray:
+          dtype: np.dtype, part: str = "value") -> np.ndarray:
+    """One tensor in our layout: dequantized ("value"), raw e4m3 ("q") or its block scales
+    transposed to our [in, out] orientation ("scale")."""
     key = e.hf_key
     want = _hf_shape(slice_shape, e.n_in)
     if reader.shape(key) != want:
         raise CheckpointError(f"tensor {key!r} has shape {list(reader.shape(key))}, "
                               f"expected {list(want)} for this config")
     t = reader.get(key)
-    if t.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
-        skey = _scale_key(key)
-        if skey not in reader:
-            raise CheckpointError(f"tensor {key!r} is float8 but {skey!r} is missing")
-        block = cfg.fp8_block_size or (128, 128)
-        want_s = tuple(-(-n // b) for n, b in zip(t.shape, block))
-        if reader.shape(skey) != want_s:
-            raise CheckpointError(f"tensor {skey!r} has shape {list(reader.shape(skey))}, expected "
-                                  f"{list(want_s)} for {list(t.shape)} weights in {block} blocks")
-        t = dequantize_fp8(t, reader.get(skey), block)
+    if part == "scale":
+        return np.asarray(_scale_inv(reader, cfg, key, t.shape), np.float32).T
+    if part == "value" and t.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+        t = dequantize_fp8(t, _scale_inv(reader, cfg, key, t.shape), cfg.fp8_block_size or (128, 128))
     t = np.asarray(t).astype(dtype)
     if e.n_in:
         t = t.T
@@ -171,7 +181,7 @@ def _check_keys(reader: CheckpointReader, cfg: ModelConfig, entries: list[Entry]
 
 
 def _block_reader(reader: CheckpointReader, cfg: ModelConfig, group: list[Entry], shape: tuple,
-                  dtype: np.dtype):
+                  dtype: np.dtype, part: str = "value", weight_slice: tuple | None = None):
     """Callback for `jax.make_array_from_callback`: builds one shard of a parameter.
 
     Only the checkpoint tensors that fall inside the shard's leading (layer, expert) slice are
@@ -187,10 +197,29 @@ def _block_reader(reader: CheckpointReader, cfg: ModelConfig, group: list[Entry]
         for e in group:
             if all(i in r for i, r in zip(e.index, lead)):
                 where = tuple(r.index(i) for i, r in zip(e.index, lead))
-                out[where] = _read(reader, cfg, e, shape[n_lead:], dtype)[rest]
+                out[where] = _read(reader, cfg, e, weight_slice or shape[n_lead:], dtype, part)[rest]
         return out
 
     return block
+
+
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def _stored_fp8(reader, cfg, group: list[Entry], shape: tuple, sharding) -> QuantizedWeight:
+    """A parameter kept as the checkpoint stores it: e4m3 values in our layout + block scales."""
+    n_lead, n_in = len(group[0].index), group[0].n_in
+    slice_shape = shape[n_lead:]
+    hf_out, hf_in = _hf_shape(slice_shape, n_in)
+    b0, b1 = cfg.fp8_block_size
+    scale_slice = (-(-hf_in // b1), -(-hf_out // b0))
+    q = jax.make_array_from_callback(shape, sharding,
+                                     _block_reader(reader, cfg, group, shape, E4M3, "q"))
+    scale_shape = shape[:n_lead] + scale_slice
+    scale = jax.make_array_from_callback(
+        scale_shape, sharding,
+        _block_reader(reader, cfg, group, scale_shape, np.dtype(np.float32), "scale", slice_shape))
+    return QuantizedWeight(q=q, scale=scale, block=(b1, b0))
 
 
 def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
@@ -219,6 +248,10 @@ def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None
     for e in entries:
         by_path[e.path].append(e)
 
+    keep_fp8 = as_precision(dtype).fp8 and cfg.fp8_block_size is not None
+    if keep_fp8 and mesh is not None:
+        raise NotImplementedError("precision='fp8' keeps an FP8 checkpoint's weights as stored, "
+                                  "which is single-device for now; pass precision='bf16' with a mesh")
     model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                            capacity_factor=capacity_factor)
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -230,6 +263,9 @@ def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None
         lead = math.prod(shape[:len(group[0].index)])
         if len(group) != lead:
             raise CheckpointError(f"parameter {var_path} is only partly filled by the checkpoint")
+        if keep_fp8 and group[0].n_in and all(reader.dtype(e.hf_key) == E4M3 for e in group):
+            var.set_value(_stored_fp8(reader, cfg, group, shape, single))
+            continue
         sharding = variable_sharding(var, mesh) if mesh is not None else single
         var.set_value(jax.make_array_from_callback(
             shape, sharding, _block_reader(reader, cfg, group, shape, np_dtype)))
@@ -239,7 +275,14 @@ def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None
 
 
 def _params_by_path(model: Transformer) -> dict[tuple, jax.Array]:
-    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    out = {}
+    for p, v in nnx.to_flat_state(nnx.state(model)):
+        if isinstance(v.get_value(), QuantizedWeight):
+            raise ValueError(f"parameter {'.'.join(map(str, p))} holds FP8 weights as stored "
+                             "(precision='fp8' on an FP8 checkpoint); load with precision='bf16' "
+                             "or 'fp32' to save a converted checkpoint")
+        out[tuple(p)] = v.get_value()
+    return out
 
 
 def save_hf(model: Transformer, path: str | Path, *, dtype=None,

@@ -101,6 +101,8 @@ def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"], lay
     padding) are skipped, forward and backward, so the work follows the routed rows. With
     `fp8`, every product (forward, dgrad, wgrad) is block-scaled e4m3 (dsv3_jax/fp8.py).
     """
+    if isinstance(w, f8.QuantizedWeight):  # an FP8 checkpoint's experts, used as stored
+        return _gmm(x.astype(dtype), w, layout.tile_group, layout.used_tiles, layout.tile, True)
     # FP8 quantizes the weights from their stored (master) values, not from a bf16 copy.
     x, w = x.astype(dtype), (w if fp8 else w.astype(dtype))
     # Inside shard_map, give x and w the same "varying" axes before the custom VJP: the implicit
@@ -154,7 +156,7 @@ def _tile_products(w, use_fp8: bool):
         def dgrad(gs, dys):
             return jnp.einsum("tmn,tkn->tmk", dys, w[gs], preferred_element_type=jnp.float32)
         return fwd, dgrad
-    qw = jax.vmap(f8.quantize_weight)(w)  # each expert in 128 x 128 blocks
+    qw = w if isinstance(w, f8.QuantizedWeight) else jax.vmap(f8.quantize_weight)(w)
 
     def one(g):
         return f8.QuantizedWeight(qw.q[g], qw.scale[g], qw.block)
@@ -175,8 +177,12 @@ def _gmm(x, w, tile_group, used_tiles, tile, use_fp8):
     def fn(gs, xs):
         return product(gs, xs).astype(x.dtype)
 
-    return _chunked(fn, tile_group, used_tiles, tiles, k * n, w,
+    return _chunked(fn, tile_group, used_tiles, tiles, k * n, _array_of(w),
                     x.reshape(tiles, tile, k)).reshape(x.shape[0], n)
+
+
+def _array_of(w):
+    return w.q if isinstance(w, f8.QuantizedWeight) else w
 
 
 def _gmm_fwd(x, w, tile_group, used_tiles, tile, use_fp8):
@@ -192,7 +198,9 @@ def _gmm_bwd(tile, use_fp8, res, dy):
     def dx_fn(gs, dys):
         return dgrad(gs, dys).astype(x.dtype)
 
-    dx = _chunked(dx_fn, tile_group, used_tiles, tiles, k * n, w, dyt).reshape(x.shape)
+    dx = _chunked(dx_fn, tile_group, used_tiles, tiles, k * n, _array_of(w), dyt).reshape(x.shape)
+    if isinstance(w, f8.QuantizedWeight):  # stored FP8 weights are frozen
+        return dx, jax.tree.map(jnp.zeros_like, w), None, None
     dw = _weight_grad(xt, dyt, tile_group, used_tiles, w.shape[0], use_fp8)
     return dx, dw.astype(w.dtype), None, None
 
