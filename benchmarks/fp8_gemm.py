@@ -7,6 +7,8 @@ Candidates for the FP8 product (same numerics, SPEC section 7):
   scan     dsv3_jax.fp8.fp8_matmul: one float8 dot per 128-wide K block, scaled, fp32 accumulate
   batched  all K blocks as one batched float8 dot [kb, M, 128] x [kb, 128, N], then scale + sum
            (more memory: kb x M x N fp32)
+  scaled   jax.lax.scaled_dot with the tile / per-column block scales (no VJP in JAX yet, so a
+           winner here needs the scan or batched form for the backward)
   bf16     the baseline: bf16 operands, fp32 accumulation
 Each is timed forward only, best of --repeats after a warm-up, and reported as TFLOP/s
 (2 M K N / time); the fastest FP8 candidate over bf16 is the ratio that matters (goal on H100:
@@ -48,9 +50,20 @@ def batched_fp8(x, w):
     return jnp.einsum("bmn,mb,bn->mn", p, sx, sw).astype(x.dtype)
 
 
+def scaled_dot_fp8(x, w):
+    """XLA's scaled dot on the same e4m3 operands and scales."""
+    qx, sx = quantize_tiles(x)
+    qw = quantize_weight(w)
+    sw = jnp.repeat(qw.scale, BLOCK, axis=1)[:, :w.shape[1]]
+    qwp = jnp.pad(qw.q, ((0, qx.shape[1] - w.shape[0]), (0, 0)))
+    return jax.lax.scaled_dot(qx, qwp, lhs_scale=sx, rhs_scale=sw,
+                              preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 CANDIDATES = {
     "fp8 scan": fp8_matmul,
     "fp8 batched": batched_fp8,
+    **({"fp8 scaled": scaled_dot_fp8} if hasattr(jax.lax, "scaled_dot") else {}),
     "bf16": lambda x, w: jnp.einsum("mk,kn->mn", x, w.astype(jnp.bfloat16),
                                     preferred_element_type=jnp.float32).astype(x.dtype),
 }
