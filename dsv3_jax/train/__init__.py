@@ -1,0 +1,1 @@
+"""Training: losses, the auxiliary-loss-free bias update, the optimizer (the loop lands next)."""

@@ -1,0 +1,86 @@
+"""Training building blocks: the loss parts, the bias update rule, the optimizer's decay mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax import ModelConfig, init_model
+from dsv3_jax.train.balance import bias_step, load_imbalance, update_routing_bias
+from dsv3_jax.train.losses import lm_loss
+from dsv3_jax.train.optimizer import decay_mask, make_optimizer
+from tests.conftest import FIXTURES
+
+CFG = ModelConfig.from_json(FIXTURES / "v3_mtp")
+
+
+def _np_ce(logits, targets):
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return float(np.mean(lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]))
+
+
+def test_loss_parts_and_mtp_alignment():
+    model = init_model(CFG, seed=0)
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 17)), jnp.int32)
+    total, (parts, out) = nnx.jit(lambda m, b: lm_loss(m, b, mtp_lambda=0.3, balance_alpha=0.01))(model, batch)
+    tgt = np.asarray(batch[:, 1:])
+    assert abs(float(parts["ce"]) - _np_ce(out.logits, tgt)) < 1e-5
+    # MTP depth 1 at position i predicts token i + 2 = targets[:, 1:]
+    assert abs(float(parts["mtp"]) - _np_ce(out.mtp_logits[0], tgt[:, 1:])) < 1e-5
+    want = _np_ce(out.logits, tgt) + 0.3 * _np_ce(out.mtp_logits[0], tgt[:, 1:]) + 0.01 * float(out.balance.sum())
+    assert abs(float(total) - want) < 1e-5
+    # balance term: E / (K T) * counts . mean normalised scores; 1.0 means uniform
+    assert out.balance.shape == (CFG.num_moe_layers,) and bool((out.balance > 0.5).all())
+
+
+def test_bias_step_rule():
+    counts = jnp.asarray([[10, 0, 5, 5], [4, 4, 4, 4]])
+    new = bias_step(jnp.zeros((2, 4)), counts, 0.001)
+    np.testing.assert_allclose(np.asarray(new), [[-0.001, 0.001, 0, 0], [0, 0, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(load_imbalance(counts)), [2.0, 1.0])
+
+
+def test_bias_updates_balance_a_skewed_gate_without_training():
+    """Repeated forward + bias update on fixed data: max/mean load falls (gamma > 0 only)."""
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (8, 32)), jnp.int32)
+    fwd = nnx.jit(lambda m, x: m.forward(x, mtp=True))
+    result = {}
+    for gamma in (0.0, 0.01):
+        model = init_model(CFG, seed=0)
+        bias = model.moe_layers.mlp.gate.e_score_correction_bias
+        skew = np.zeros(bias.shape, np.float32)
+        skew[:, :4] = 0.3  # most tokens start on 4 experts
+        bias.set_value(jnp.asarray(skew))
+        start = float(load_imbalance(fwd(model, ids).expert_counts).max())
+        for _ in range(60):
+            out = fwd(model, ids)
+            update_routing_bias(model, out, gamma)
+        result[gamma] = (start, float(load_imbalance(fwd(model, ids).expert_counts).max()))
+    assert result[0.0][1] == result[0.0][0] > 2.0, result
+    assert result[0.01][1] < 1.5 < result[0.01][0], result
+
+
+def test_optimizer_decays_matrices_only_and_never_touches_the_bias():
+    model = init_model(CFG.replace(num_nextn_predict_layers=0), seed=0)
+    paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    flat = dict(zip(paths, jax.tree.leaves(decay_mask(model))))
+    assert flat["moe_layers.mlp.experts.gate_proj"] and flat["embed_tokens"] and flat["lm_head"]
+    assert flat["moe_layers.self_attn.o_proj"] and flat["moe_layers.mlp.gate.weight"]
+    assert not any(v for k, v in flat.items() if "layernorm" in k or k == "norm.weight")
+    assert not any("e_score_correction_bias" in k for k in flat)
+    opt = nnx.Optimizer(model, make_optimizer(model, lr=1e-2, warmup_steps=1, total_steps=10), wrt=nnx.Param)
+    bias_before = np.asarray(model.moe_layers.mlp.gate.e_score_correction_bias.get_value())
+    w_before = np.asarray(model.moe_layers.self_attn.o_proj.get_value())
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 9)), jnp.int32)
+
+    @nnx.jit
+    def step(model, opt, batch):
+        (loss, _), grads = nnx.value_and_grad(lambda m: lm_loss(m, batch), has_aux=True)(model)
+        opt.update(model, grads)
+        return loss
+
+    step(model, opt, batch)  # step 0 of the warmup has learning rate 0
+    step(model, opt, batch)
+    assert not np.array_equal(w_before, np.asarray(model.moe_layers.self_attn.o_proj.get_value()))
+    np.testing.assert_array_equal(bias_before, np.asarray(model.moe_layers.mlp.gate.e_score_correction_bias.get_value()))
