@@ -1,0 +1,176 @@
+"""The training loop: data -> jitted step (loss, AdamW, bias update) -> metrics -> checkpoints.
+
+`train(RunConfig(...))` is everything `python train.py` does. Each step: the LM loss (next-token
+CE + MTP + sequence balance), an optax AdamW update of the Params, then the auxiliary-loss-free
+routing-bias update from the step's global expert counts. Checkpoints (orbax) hold the model,
+the optimizer, the data position and the step, so `resume=True` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax import data
+from dsv3_jax.checkpoint import Checkpointer
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import init_model
+from dsv3_jax.train.balance import load_imbalance, update_routing_bias
+from dsv3_jax.train.losses import lm_loss
+from dsv3_jax.train.optimizer import make_optimizer
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """One training run; every field is a train.py flag of the same name."""
+
+    config: str = str(DEFAULT_CONFIG)
+    corpus: str | None = None          # None: the Python standard library's sources
+    tokenizer: str | None = None       # a tokenizer.json (or folder holding one) instead of training
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    precision: str = "fp32"
+    mesh: str = ""
+    out: str = "runs/default"
+    checkpoint_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    seed: int = 0
+    mtp_lambda: float = 0.3
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 0.001
+    accumulate: int = 1
+    remat: bool = False
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad input, NaN loss); the last good checkpoint is kept."""
+
+
+def _step_fn(run: RunConfig):
+    def step(model, optimizer, batch):
+        grad_fn = nnx.value_and_grad(
+            lambda m: lm_loss(m, batch, mtp_lambda=run.mtp_lambda, balance_alpha=run.balance_alpha),
+            has_aux=True)
+        (loss, (parts, out)), grads = grad_fn(model)
+        optimizer.update(model, grads)
+        update_routing_bias(model, out, run.bias_gamma)
+        parts = dict(parts, grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                                     for g in jax.tree.leaves(grads))),
+                     imbalance=load_imbalance(out.expert_counts))
+        return parts
+
+    return nnx.jit(step)
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"--out {out} is not writable ({e})") from None
+
+
+def train(run: RunConfig, *, log=print) -> list[dict]:
+    """Run training; returns the per-step metrics (also written to OUT/metrics.jsonl)."""
+    out = Path(run.out)
+    _check_out_dir(out)
+    cfg = ModelConfig.from_json(run.config)
+    files = data.corpus_files(run.corpus)
+    tokenizer = data.load_or_train_tokenizer(files, cfg.vocab_size, tokenizer_path=run.tokenizer)
+    tokens = data.encode_corpus(files, tokenizer, eos_id=data.EOS_ID)
+    batcher = data.TokenBatcher(tokens, run.batch_size, run.seq_len, seed=run.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    mesh = None
+    if run.mesh:
+        from sharding import make_mesh
+        mesh = make_mesh(run.mesh)
+    model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh)
+    optimizer = nnx.Optimizer(model, make_optimizer(
+        model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps,
+        accumulate=run.accumulate), wrt=nnx.Param)
+    ckpt = Checkpointer(out / "checkpoints", keep=run.keep)
+    start = 0
+    if run.resume and ckpt.latest_step() is not None:
+        extra = ckpt.restore(None, model, optimizer)
+        batcher.restore(extra["data"])
+        start = int(extra["step"])
+        log(f"resumed from step {start} ({out / 'checkpoints'})")
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    step_fn = _step_fn(run)
+    metrics_path = out / "metrics.jsonl"
+    if start == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    history: list[dict] = []
+    tokens_per_step = run.batch_size * run.seq_len
+    log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
+        f"{run.batch_size} x {run.seq_len} tokens, precision {run.precision}, {len(tokens):,} "
+        f"corpus tokens, out {out}")
+    step = start
+    try:
+        with open(metrics_path, "a") as mfile, (jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
+            t_last = time.perf_counter()
+            for step in range(start, run.steps):
+                batch = jnp.asarray(batcher.next())
+                parts = jax.device_get(step_fn(model, optimizer, batch))
+                loss = float(parts["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingError(f"loss is {loss} at step {step + 1}; stopping (the last "
+                                        f"checkpoint, step {ckpt.latest_step()}, is kept)")
+                now = time.perf_counter()
+                record = {"step": step + 1, "loss": loss, "ce": float(parts["ce"]),
+                          "mtp": float(parts["mtp"]), "balance": float(parts["balance"]),
+                          "grad_norm": float(parts["grad_norm"]),
+                          "imbalance": [round(float(v), 3) for v in parts["imbalance"]],
+                          "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+                t_last = now
+                history.append(record)
+                mfile.write(json.dumps(record) + "\n")
+                mfile.flush()
+                _progress(record, run.steps, log)
+                done = step + 1
+                if done % run.checkpoint_every == 0 or done == run.steps or stop["signal"]:
+                    ckpt.save(done, model, optimizer, {"step": done, "data": batcher.state()})
+                if stop["signal"]:
+                    log(f"\nstopped by signal {stop['signal']} after step {done}; checkpoint saved")
+                    break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+        sys.stderr.write("\n")
+    return history
+
+
+def _progress(record: dict, total: int, log) -> None:
+    width = 30
+    filled = int(width * record["step"] / total)
+    bar = "#" * filled + "." * (width - filled)
+    sys.stderr.write(f"\r[{bar}] step {record['step']}/{total} loss {record['loss']:.4f} "
+                     f"{record['tokens_per_s']:.0f} tok/s ")
+    sys.stderr.flush()
+    if record["step"] % 50 == 0 or record["step"] == total:
+        log(f"\nstep {record['step']}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, mtp "
+            f"{record['mtp']:.4f}), max/mean expert load {max(record['imbalance'] or [1.0]):.2f}")
+
