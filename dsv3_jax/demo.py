@@ -1,7 +1,8 @@
-"""Main-job demo: build a model (random tiny config, or a HF checkpoint) and generate greedily.
+"""Generate greedily from a trained run, a HF checkpoint, or a random tiny model.
 
-    python -m dsv3_jax.demo                          # configs/tiny.json, random weights
-    python -m dsv3_jax.demo --checkpoint DIR --prompt-ids 1,2,3
+    python -m dsv3_jax.demo --run runs/default --prompt "def main("   # after `python train.py`
+    python -m dsv3_jax.demo --checkpoint DIR --prompt-ids 1,2,3       # a HF checkpoint folder
+    python -m dsv3_jax.demo                                           # configs/tiny.json, random
 
 Decoding here re-runs the full forward on a fixed-size buffer each step (one compile, no
 cache): a stand-in until the serving engine with the absorbed-MLA latent cache lands.
@@ -44,17 +45,37 @@ def greedy_generate(model: Transformer, prompt: list[int], max_new_tokens: int) 
     return [int(x) for x in np.asarray(buf[0, len(prompt):])]
 
 
+def load_run(run_dir: str):
+    """(model, tokenizer, step) from a train.py output folder's latest checkpoint."""
+    import tokenizers
+
+    from dsv3_jax.checkpoint import Checkpointer
+    run = Path(run_dir)
+    cfg = ModelConfig.from_json(run / "config.json")
+    model = init_model(cfg)
+    ckpt = Checkpointer(run / "checkpoints")
+    extra = ckpt.restore(None, model)
+    ckpt.close()
+    return model, tokenizers.Tokenizer.from_file(str(run / "tokenizer.json")), extra["step"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config.json (random weights)")
+    p.add_argument("--run", help="a train.py output folder (latest checkpoint + tokenizer.json)")
     p.add_argument("--checkpoint", help="HF checkpoint folder to load instead of random weights")
+    p.add_argument("--prompt", default="def main(", help="prompt text (needs --run's tokenizer)")
     p.add_argument("--prompt-ids", default="1,2,3,4,5,6,7,8", help="comma-separated token ids")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    if args.checkpoint:
+    tokenizer = None
+    if args.run:
+        model, tokenizer, step = load_run(args.run)
+        source = f"{args.run} (step {step})"
+    elif args.checkpoint:
         model = load_hf(args.checkpoint, dtype=jnp.float32)
         source = args.checkpoint
     else:
@@ -67,12 +88,19 @@ def main(argv: list[str] | None = None) -> None:
           f"({cfg.num_dense_layers} dense + {cfg.num_moe_layers} MoE, {cfg.n_routed_experts} routed "
           f"experts, top-{cfg.num_experts_per_tok}), MTP depth {cfg.num_nextn_predict_layers}; "
           f"built in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].platform}")
-    prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    if tokenizer is not None:
+        prompt = tokenizer.encode(args.prompt).ids
+    else:
+        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
     t0 = time.perf_counter()
     out = greedy_generate(model, prompt, args.max_new_tokens)
     dt = time.perf_counter() - t0
-    print(f"prompt ids:    {prompt}")
-    print(f"generated ids: {out}")
+    if tokenizer is not None:
+        print(f"prompt:    {args.prompt!r}")
+        print(f"generated: {tokenizer.decode(out)!r}")
+    else:
+        print(f"prompt ids:    {prompt}")
+        print(f"generated ids: {out}")
     print(f"{len(out)} tokens in {dt:.1f}s (first step includes compilation)")
 
 
