@@ -79,3 +79,17 @@ def test_bad_inputs(corpus, config, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(TrainingError, match="not writable"):
         _run(corpus, blocker / "out", config)
+
+
+def test_mesh_run_matches_single_device(corpus, config, tmp_path):
+    """--mesh data=2,expert=4 (expert-parallel all-to-all, FSDP) gives the single-device losses."""
+    single = _run(corpus, tmp_path / "single", config, steps=6, batch_size=8)
+    sharded = _run(corpus, tmp_path / "mesh", config, steps=6, batch_size=8, mesh="data=2,expert=4")
+    a = np.array([h["loss"] for h in single])
+    b = np.array([h["loss"] for h in sharded])
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_mesh_that_does_not_divide_the_batch(corpus, config, tmp_path):
+    with pytest.raises(ValueError, match="batch dimension of size 6 is not divisible by 8"):
+        _run(corpus, tmp_path / "m", config, steps=1, batch_size=6, mesh="expert=8")

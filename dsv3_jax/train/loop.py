@@ -154,23 +154,26 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
                 if done % run.checkpoint_every == 0 or done == run.steps or stop["signal"]:
                     ckpt.save(done, model, optimizer, {"step": done, "data": batcher.state()})
                 if stop["signal"]:
-                    log(f"\nstopped by signal {stop['signal']} after step {done}; checkpoint saved")
+                    log(f"stopped by signal {stop['signal']} after step {done}; checkpoint saved")
                     break
     finally:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
-        sys.stderr.write("\n")
     return history
 
 
 def _progress(record: dict, total: int, log) -> None:
-    width = 30
-    filled = int(width * record["step"] / total)
-    bar = "#" * filled + "." * (width - filled)
-    sys.stderr.write(f"\r[{bar}] step {record['step']}/{total} loss {record['loss']:.4f} "
-                     f"{record['tokens_per_s']:.0f} tok/s ")
-    sys.stderr.flush()
+    """A progress bar on a terminal; a summary line every 50 steps either way."""
+    tty = sys.stderr.isatty()
+    if tty:
+        width = 30
+        filled = int(width * record["step"] / total)
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r[{bar}] step {record['step']}/{total} loss {record['loss']:.4f} "
+                         f"{record['tokens_per_s']:.0f} tok/s ")
+        sys.stderr.flush()
     if record["step"] % 50 == 0 or record["step"] == total:
-        log(f"\nstep {record['step']}: loss {record['loss']:.4f} (ce {record['ce']:.4f}, mtp "
-            f"{record['mtp']:.4f}), max/mean expert load {max(record['imbalance'] or [1.0]):.2f}")
+        log(f"{chr(10) if tty else ''}step {record['step']}/{total}: loss {record['loss']:.4f} "
+            f"(ce {record['ce']:.4f}, mtp {record['mtp']:.4f}), {record['tokens_per_s']:.0f} "
+            f"tok/s, max/mean expert load {max(record['imbalance'] or [1.0]):.2f}")
 
