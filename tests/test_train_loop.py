@@ -93,3 +93,21 @@ def test_mesh_run_matches_single_device(corpus, config, tmp_path):
 def test_mesh_that_does_not_divide_the_batch(corpus, config, tmp_path):
     with pytest.raises(ValueError, match="batch dimension of size 6 is not divisible by 8"):
         _run(corpus, tmp_path / "m", config, steps=1, batch_size=6, mesh="expert=8")
+
+
+def test_init_from_hf_starts_from_the_checkpoint(corpus, config, tmp_path):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv3_jax import ModelConfig, data, init_model, save_hf
+    from dsv3_jax.train.losses import lm_loss
+    cfg = ModelConfig.from_json(config)
+    start = init_model(cfg, seed=7)
+    save_hf(start, tmp_path / "hf")
+    hist = _run(corpus, tmp_path / "run", config, steps=1, init_from_hf=str(tmp_path / "hf"))
+    files = data.corpus_files(corpus)
+    tokens = data.encode_corpus(files, data.load_or_train_tokenizer(files, cfg.vocab_size))
+    batch = jnp.asarray(data.TokenBatcher(tokens, 4, 32, seed=0).next())
+    loss, _ = nnx.jit(lambda m, b: lm_loss(m, b))(start, batch)
+    assert abs(hist[0]["loss"] - float(loss)) < 1e-5 * abs(float(loss))
+    assert "mfu" in hist[0]  # None on CPU: no known peak

@@ -84,3 +84,15 @@ def test_optimizer_decays_matrices_only_and_never_touches_the_bias():
     step(model, opt, batch)
     assert not np.array_equal(w_before, np.asarray(model.moe_layers.self_attn.o_proj.get_value()))
     np.testing.assert_array_equal(bias_before, np.asarray(model.moe_layers.mlp.gate.e_score_correction_bias.get_value()))
+
+
+def test_flops_per_token_matches_the_report():
+    """DeepSeek-V3: 37B activated parameters (ours: matmul weights 36.6B + the 0.9B embedding
+    lookup) and ~250 GFLOPs per training token at 4K context."""
+    from dsv3_jax.train.flops import activated_matmul_params, flops_per_token, mfu
+    v3 = ModelConfig.from_json(FIXTURES.parent.parent.parent / "configs" / "deepseek-v3-671b.json")
+    v3 = v3.replace(num_nextn_predict_layers=0)
+    embed = v3.vocab_size * v3.hidden_size
+    assert 36.5e9 < activated_matmul_params(v3) + embed < 38e9
+    assert 240e9 < flops_per_token(v3, 4096) < 260e9
+    assert mfu(1000.0, v3, 4096) is None  # CPU: no known peak

@@ -25,7 +25,9 @@ from dsv3_jax import data
 from dsv3_jax.checkpoint import Checkpointer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_model
+from dsv3_jax.weights import load_hf
 from dsv3_jax.train.balance import load_imbalance, update_routing_bias
+from dsv3_jax.train.flops import flops_per_token, mfu
 from dsv3_jax.train.losses import lm_loss
 from dsv3_jax.train.optimizer import make_optimizer
 
@@ -51,6 +53,7 @@ class RunConfig:
     keep: int = 3
     resume: bool = False
     seed: int = 0
+    init_from_hf: str | None = None    # start from a HF checkpoint folder's weights
     mtp_lambda: float = 0.3
     balance_alpha: float = 1e-4
     bias_gamma: float = 0.001
@@ -103,6 +106,15 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         from sharding import make_mesh
         mesh = make_mesh(run.mesh)
     model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh)
+    if run.init_from_hf:
+        hf_cfg = ModelConfig.from_json(run.init_from_hf)
+        if hf_cfg.replace(quantization_config=None) != cfg.replace(quantization_config=None):
+            raise TrainingError(f"--init-from-hf {run.init_from_hf}: its config.json differs from "
+                                f"--config {run.config}; pass --config {run.init_from_hf}")
+        # fp32 master weights (FP8 checkpoints dequantized), placed like the model's own
+        loaded = load_hf(run.init_from_hf, dtype=jnp.float32, param_dtype=jnp.float32, mesh=mesh)
+        nnx.update(model, nnx.state(loaded))
+        log(f"initialised from {run.init_from_hf}")
     optimizer = nnx.Optimizer(model, make_optimizer(
         model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps,
         accumulate=run.accumulate), wrt=nnx.Param)
@@ -125,6 +137,8 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         metrics_path.unlink()
     history: list[dict] = []
     tokens_per_step = run.batch_size * run.seq_len
+    log(f"model FLOPs per token (fwd+bwd): {flops_per_token(cfg, run.seq_len) / 1e6:.1f}M "
+        "(dsv3_jax/train/flops.py); MFU is reported where the device's peak is known")
     log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
         f"{run.batch_size} x {run.seq_len} tokens, precision {run.precision}, {len(tokens):,} "
         f"corpus tokens, out {out}")
@@ -145,6 +159,7 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
                           "grad_norm": float(parts["grad_norm"]),
                           "imbalance": [round(float(v), 3) for v in parts["imbalance"]],
                           "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+                record["mfu"] = mfu(record["tokens_per_s"], cfg, run.seq_len)
                 t_last = now
                 history.append(record)
                 mfile.write(json.dumps(record) + "\n")
