@@ -142,7 +142,6 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
         f"{run.batch_size} x {run.seq_len} tokens, precision {run.precision}, {len(tokens):,} "
         f"corpus tokens, out {out}")
-    step = start
     try:
         with open(metrics_path, "a") as mfile, (jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
             t_last = time.perf_counter()
