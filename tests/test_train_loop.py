@@ -46,6 +46,7 @@ def test_loss_falls_and_metrics_are_written(corpus, config, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 21)) and all("loss" in x for x in lines)
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "config.json").exists()
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
 
 

@@ -30,6 +30,7 @@ from dsv3_jax.train.balance import load_imbalance, update_routing_bias
 from dsv3_jax.train.flops import flops_per_token, mfu
 from dsv3_jax.train.losses import lm_loss
 from dsv3_jax.train.optimizer import make_optimizer
+from dsv3_jax.train.plot import write_plot
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 
@@ -173,6 +174,9 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
+    if history and jax.process_index() == 0:
+        all_records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        log(f"plot: {write_plot(all_records, out / 'metrics.png')}")
     return history
 
 
