@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 from flax import nnx
@@ -62,18 +63,11 @@ def logical_to_spec(axes, shape, mesh) -> P:
         if name not in rules:
             raise KeyError(f"logical axis {name!r} has no entry in sharding.rules.RULES")
         mesh_axes = [a for a in rules[name] if a in mesh.shape and mesh.shape[a] > 1 and a not in used]
-        while mesh_axes and dim % _prod(mesh.shape[a] for a in mesh_axes):
+        while mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes):
             mesh_axes.pop()
         used.update(mesh_axes)
         spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
     return P(*spec)
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
@@ -100,7 +94,7 @@ def constrain(x: jax.Array, axes) -> jax.Array:
     rules = _active_rules.get()
     for name, dim in zip(axes, x.shape):
         want = [a for a in rules.get(name, ()) if a in mesh.shape and mesh.shape[a] > 1]
-        n = _prod(mesh.shape[a] for a in want)
+        n = math.prod(mesh.shape[a] for a in want)
         if name is not None and dim % n:
             raise ValueError(f"the {name} dimension of size {dim} is not divisible by {n}, the "
                              f"product of the mesh axes {'x'.join(want)} that split it")

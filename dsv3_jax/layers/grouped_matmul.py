@@ -122,11 +122,9 @@ def _zeros_varying_like(shape, dtype, *deps):
     return z
 
 
-def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, *arrays):
-    """Scan `fn(tile_group_chunk, *array_chunks)` over chunks of tiles, skipping unused chunks.
-
-    Each array is [tiles, ...]; `w` is what `fn` closes over (for typing the skipped branch).
-    Results are concatenated back to [tiles, ...]."""
+def _split_chunks(tiles: int, per_tile_elements: int, *arrays):
+    """(chunk, n_chunks, arrays as [n_chunks, chunk, ...]): tiles per chunk bounded so a
+    chunk's gathered weights stay under `_CHUNK_ELEMENTS`; the last chunk is zero-padded."""
     chunk = max(1, min(tiles, _CHUNK_ELEMENTS // max(1, per_tile_elements)))
     n_chunks = -(-tiles // chunk)
     pad = n_chunks * chunk - tiles
@@ -134,6 +132,17 @@ def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, 
     def split(a):
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape((n_chunks, chunk) + a.shape[1:])
+
+    return chunk, n_chunks, [split(a) for a in arrays]
+
+
+def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, *arrays):
+    """Scan `fn(tile_group_chunk, *array_chunks)` over chunks of tiles, skipping unused chunks.
+
+    Each array is [tiles, ...]; `w` is what `fn` closes over (for typing the skipped branch).
+    Results are concatenated back to [tiles, ...]."""
+    chunk, n_chunks, (gs_chunks, *array_chunks) = _split_chunks(tiles, per_tile_elements,
+                                                                tile_group, *arrays)
 
     def body(_, args):
         c, gs, *xs = args
@@ -143,7 +152,7 @@ def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, 
             lambda *a: _zeros_varying_like(out_shape.shape, out_shape.dtype, w, *a), gs, *xs)
         return None, out
 
-    _, out = jax.lax.scan(body, None, (jnp.arange(n_chunks), split(tile_group), *map(split, arrays)))
+    _, out = jax.lax.scan(body, None, (jnp.arange(n_chunks), gs_chunks, *array_chunks))
     return out.reshape((n_chunks * chunk,) + out.shape[2:])[:tiles]
 
 
@@ -212,12 +221,7 @@ def _weight_grad(xt, dyt, tile_group, used_tiles, groups: int, use_fp8: bool = F
     """dW[g] = sum over g's tiles of x_t^T dy_t, accumulated chunk by chunk in fp32."""
     tiles, _, k = xt.shape
     n = dyt.shape[-1]
-    chunk = max(1, min(tiles, _CHUNK_ELEMENTS // max(1, k * n)))
-    n_chunks = -(-tiles // chunk)
-    pad = n_chunks * chunk - tiles
-    xs = jnp.pad(xt, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk, -1, k)
-    dys = jnp.pad(dyt, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk, -1, n)
-    gs = jnp.pad(tile_group, (0, pad)).reshape(n_chunks, chunk)
+    chunk, n_chunks, (gs, xs, dys) = _split_chunks(tiles, k * n, tile_group, xt, dyt)
 
     def body(dw, args):
         c, g, x, dy = args
