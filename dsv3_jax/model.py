@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.linear import Precision, as_precision, param
-from dsv3_jax.layers.mla import MLA
+from dsv3_jax.layers.mla import MLA, LatentCache
 from dsv3_jax.layers.mlp import MLP
 from dsv3_jax.layers.moe import MoE
 from dsv3_jax.layers.mtp import MTP
@@ -47,12 +47,23 @@ class Block(nnx.Module):
     def __call__(self, x: Float[Array, "batch seq embed"], cos, sin
                  ) -> tuple[Float[Array, "batch seq embed"], dict]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return self.ffn(x)
+
+    def ffn(self, x: Float[Array, "batch seq embed"]) -> tuple[Float[Array, "batch seq embed"], dict]:
+        """The residual feed-forward half of the block, and the MoE aux stats."""
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, aux = self.mlp(h)
         else:
             y, aux = self.mlp(h), {}
         return x + y, aux
+
+    def decode(self, x: Float[Array, "batch seq embed"], cos, sin, cache: LatentCache | None,
+               start: Int[Array, "batch"]) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
+        """The block over new tokens with attention over a latent cache; returns their entries."""
+        a, entries = self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, start)
+        x, _ = self.ffn(x + a)
+        return x, entries
 
 
 def _stack_blocks(cfg: ModelConfig, n: int, rngs: nnx.Rngs, **kw) -> Block:
@@ -78,6 +89,30 @@ def _run_stack(stack: Block, x, cos, sin, remat: bool):
     if remat:
         body = nnx.remat(body)
     return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
+
+
+def _decode_stack(stack: Block, x, cos, sin, cache: LatentCache | None, start):
+    """Scan the stacked blocks over (block, that layer's cache slice); stacks the new entries."""
+    def body(x, block, layer_cache):
+        x, entries = block.decode(x, cos, sin, layer_cache, start)
+        return constrain(x, ACT), entries
+
+    if cache is None:
+        return nnx.scan(lambda x, block: body(x, block, None), in_axes=(nnx.Carry, 0),
+                        out_axes=(nnx.Carry, 0))(x, stack)
+    return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(x, stack, cache)
+
+
+@dataclasses.dataclass
+class DecodeCache:
+    """Latent caches of the dense stack, the MoE stack ([layers, batch, time, ...]) and MTP depth 1."""
+
+    dense: LatentCache | None
+    moe: LatentCache | None
+    mtp: LatentCache | None = None
+
+
+jax.tree_util.register_dataclass(DecodeCache, data_fields=["dense", "moe", "mtp"], meta_fields=[])
 
 
 @dataclasses.dataclass
@@ -164,6 +199,36 @@ class Transformer(nnx.Module):
             logits.append(self.head(h_normed))
             counts.append(aux["expert_counts"])
         return tuple(logits), jnp.stack(counts)
+
+    def decode(self, input_ids: Int[Array, "batch seq"], positions: Int[Array, "batch seq"],
+               cache: DecodeCache | None = None
+               ) -> tuple[Float[Array, "batch seq embed"], DecodeCache]:
+        """Serving forward of new tokens over a latent cache: (normed hidden, their cache entries).
+
+        Row b's tokens sit at consecutive positions from `positions[b, 0]`, and its cache holds
+        valid entries for positions `[0, positions[b, 0])` (`cache=None`: nothing before them,
+        e.g. a prefill). Logits are `head(hidden)`; the caller writes the returned entries
+        ([layers, batch, seq, ...]) into its cache at `positions` (dsv3_jax/serve/cache.py).
+        """
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        start = positions[:, 0]
+        x = constrain(self.embed(input_ids), ACT)
+        entries = {}
+        for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
+            if stack is not None:
+                layer_cache = None if cache is None else getattr(cache, name)
+                x, entries[name] = _decode_stack(stack, x, cos, sin, layer_cache, start)
+        return self.norm(x), DecodeCache(dense=entries.get("dense"), moe=entries.get("moe"))
+
+    def mtp_decode(self, hidden: Float[Array, "batch seq embed"], next_ids: Int[Array, "batch seq"],
+                   positions: Int[Array, "batch seq"], cache: LatentCache | None = None
+                   ) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
+        """MTP depth 1 over a latent cache: from the main model's hidden at position i and the
+        token at i + 1, the normed state whose `head` predicts token i + 2; and its cache entries."""
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        _, normed, entries = self.mtp[0].decode(hidden, self.embed(next_ids), cos, sin, cache,
+                                                positions[:, 0])
+        return normed, entries
 
     def __call__(self, input_ids: Int[Array, "batch seq"],
                  positions: Int[Array, "batch seq"] | None = None) -> Float[Array, "batch seq vocab"]:

@@ -1,19 +1,26 @@
-"""Multi-head latent attention (SPEC section 3), training / prefill path.
+"""Multi-head latent attention (SPEC section 3): training / prefill path and absorbed decode.
 
 Query: `q = q_b_proj(RMSNorm(q_a_proj(x)))` (or `q_proj(x)` when q_lora_rank is 0), per head
 `[nope | rope]`. Keys and values come from one compressed latent: `kv_a_proj_with_mqa(x)` gives
 `c_kv` (normed) and ONE roped key part `k_pe` shared by all heads; `kv_b_proj` expands `c_kv`
 into per-head `[k_nope | v]`. Scores and softmax in fp32.
+
+Serving (`MLA.decode`) never expands the cached prefix: W_UK (the k_nope rows of kv_b_proj) is
+folded into the query and W_UV applied after attending over the latent, so the cache holds only
+`c_kv` and `k_pe` (kv_lora_rank + qk_rope_head_dim values per token per layer).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.layers.linear import as_precision, param, project
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope
@@ -86,6 +93,61 @@ class MLA(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=f32).astype(self.dtype)
         return project(o, self.o_proj[...], 2, self.precision)
+
+
+    def absorbed_weights(self) -> tuple[Float[Array, "kv_lora heads nope"], Float[Array, "kv_lora heads v"]]:
+        """(W_UK, W_UV): kv_b_proj split per head into its key and value parts, compute dtype."""
+        w = self.kv_b_proj[...]
+        if isinstance(w, QuantizedWeight):  # an FP8 checkpoint's weight: the absorbed products
+            r, h, d = w.q.shape             # are not projections of activations, run them in bf16
+            w = QuantizedWeight(w.q.reshape(r, h * d), w.scale, w.block).dequantize().reshape(r, h, d)
+        w = w.astype(self.dtype)
+        nope = self.cfg.qk_nope_head_dim
+        return w[..., :nope], w[..., nope:]
+
+    def decode(self, x: Float[Array, "batch seq embed"], cos: Float[Array, "batch seq half"],
+               sin: Float[Array, "batch seq half"], cache: LatentCache | None,
+               start: Int[Array, "batch"]) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
+        """Absorbed attention of new tokens over the cached prefix `[0, start)` and themselves.
+
+        Row b's new tokens sit at positions `start[b] + i`; cache entries at `j >= start[b]` are
+        stale or empty and masked out. Returns the output and the new tokens' cache entries."""
+        f32 = jnp.float32
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = jnp.einsum("bshd,rhd->bshr", q_nope, w_uk, preferred_element_type=f32).astype(self.dtype)
+
+        def scores(ckv, kpe):
+            return (jnp.einsum("bshr,btr->bhst", q_lat, ckv, preferred_element_type=f32)
+                    + jnp.einsum("bshd,btd->bhst", q_pe, kpe, preferred_element_type=f32)
+                    ) * self.softmax_scale
+
+        s = x.shape[1]
+        lo = jnp.finfo(f32).min
+        parts = [jnp.where(causal_mask(s)[None, None], scores(c_kv, k_pe), lo)]
+        if cache is not None:
+            valid = jnp.arange(cache.c_kv.shape[1])[None, :] < start[:, None]  # [batch, time]
+            parts.insert(0, jnp.where(valid[:, None, None, :], scores(cache.c_kv, cache.k_pe), lo))
+        probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(self.dtype)
+        o_lat = jnp.einsum("bhst,btr->bshr", probs[..., -s:], c_kv, preferred_element_type=f32)
+        if cache is not None:
+            o_lat = o_lat + jnp.einsum("bhst,btr->bshr", probs[..., :-s], cache.c_kv,
+                                       preferred_element_type=f32)
+        o = jnp.einsum("bshr,rhd->bshd", o_lat.astype(self.dtype), w_uv,
+                       preferred_element_type=f32).astype(self.dtype)
+        return project(o, self.o_proj[...], 2, self.precision), LatentCache(c_kv, k_pe)
+
+
+@dataclasses.dataclass
+class LatentCache:
+    """What MLA caches per token: the normed latent and the roped shared key (SPEC section 3)."""
+
+    c_kv: Float[Array, "*layers batch time kv_lora"]
+    k_pe: Float[Array, "*layers batch time rope"]
+
+
+jax.tree_util.register_dataclass(LatentCache, data_fields=["c_kv", "k_pe"], meta_fields=[])
 
 
 def softmax_scale(cfg: ModelConfig) -> float:

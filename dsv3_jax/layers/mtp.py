@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.linear import as_precision, param, project
@@ -34,7 +34,18 @@ class MTP(nnx.Module):
     def __call__(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"],
                  cos, sin) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], dict]:
         """Returns (block output for the next depth, normed state for the head, block aux)."""
-        h = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)
-        h = project(h, self.eh_proj[...], 1, self.precision)
-        h, aux = self.block(h, cos, sin)
+        h, aux = self.block(self.combine(h_prev, emb_next), cos, sin)
         return h, self.shared_head_norm(h), aux
+
+    def combine(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"]
+                ) -> Float[Array, "batch seq embed"]:
+        """`eh_proj([enorm(emb_next), hnorm(h_prev)])`, the block's input."""
+        h = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1)
+        return project(h, self.eh_proj[...], 1, self.precision)
+
+    def decode(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"],
+               cos, sin, cache, start: Int[Array, "batch"]
+               ) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], object]:
+        """Cached counterpart of `__call__` (serving): (block output, normed state, new cache entries)."""
+        h, entries = self.block.decode(self.combine(h_prev, emb_next), cos, sin, cache, start)
+        return h, self.shared_head_norm(h), entries

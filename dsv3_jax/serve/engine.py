@@ -1,0 +1,336 @@
+"""The inference engine: continuous batching over a preallocated absorbed-MLA latent cache.
+
+Requests wait in a bounded queue; each scheduler step (`Engine.step`, or the background thread
+from `Engine.start`) frees the slots of finished or cancelled requests, prefills queued prompts
+into free slots, then runs ONE decode step over all `max_batch` slots (one or two tokens per
+slot with MTP speculative decoding). Device programs live in dsv3_jax/serve/steps.py; their
+shapes are fixed (prefills bucketed by batch and prompt length), so there is no recompile per
+token or request. Token bookkeeping (stop tokens, stop strings, lengths) is host-side here.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.serve import cache as kv
+from dsv3_jax.serve import steps
+from dsv3_jax.serve.request import QueueFull, Request, RequestError, SamplingParams
+from dsv3_jax.serve.sampling import SamplingArrays
+from sharding.rules import batch_axes
+
+__all__ = ["Engine", "QueueFull", "Request", "RequestError", "SamplingParams"]
+
+MIN_PREFILL = 16  # shortest prompt bucket
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Engine:
+    """Serve a `Transformer`: `submit` prompts, tokens stream back (see the module docstring)."""
+
+    def __init__(self, model, *, max_seq_len: int, max_batch: int, mesh=None,
+                 speculative: bool | None = None, max_queue: int = 256,
+                 detokenize: Callable[[list[int]], str] | None = None):
+        cfg = self.cfg = model.cfg
+        if max_batch < 1 or max_seq_len < 2:
+            raise ValueError(f"max_batch ({max_batch}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
+        if max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of "
+                             f"{cfg.max_position_embeddings} positions (max_position_embeddings)")
+        self.shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+        if max_batch % self.shards:
+            raise ValueError(f"max_batch {max_batch} is not divisible by the {self.shards} shards "
+                             f"of the mesh's batch axes {batch_axes(mesh)}")
+        has_mtp = len(model.mtp) > 0
+        if speculative and not has_mtp:
+            raise ValueError("speculative decoding drafts with the MTP layer, and this model has "
+                             "none (num_nextn_predict_layers = 0)")
+        self.speculative = has_mtp if speculative is None else bool(speculative)
+        self.max_seq_len, self.max_batch, self.max_queue = max_seq_len, max_batch, max_queue
+        self.mesh, self.detokenize = mesh, detokenize
+        self.dtype = model.dtype
+        self.cache_bytes_per_token_per_layer = kv.bytes_per_token_per_layer(cfg, self.dtype)
+        self._graphdef, self._state = nnx.split(model)
+        self._prefill_fn, self._decode_fn, self._spec_fn = steps.jitted(self._graphdef)
+        self._reset_device_state()
+        B = max_batch
+        self._slots: list[Request | None] = [None] * B
+        self._last, self._pos = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        self._temperature, self._top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
+        self._top_k, self._seed = np.zeros(B, np.int32), np.zeros(B, np.uint32)
+        self._sp_device = None  # device copy of the per-slot sampling arrays, refreshed on change
+        self._queue: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()            # queue and request hand-over
+        self._wake = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()       # one scheduler iteration at a time
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self._stats = collections.Counter()
+
+    # -- public interface ------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a request (thread-safe); raises RequestError for bad input, QueueFull."""
+        params = params or SamplingParams()
+        prompt = self._validate(prompt, params)
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            req = Request(next(self._ids), prompt, params, self)
+            self._queue.append(req)
+            self._wake.notify_all()
+        return req
+
+    def start(self) -> None:
+        """Run the scheduler in a background daemon thread (idempotent)."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the scheduler thread; unfinished requests finish as "cancelled"."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._step_lock, self._lock:
+            self._thread = None
+            for req in self._queue:
+                req._finish("cancelled")
+            self._queue.clear()
+            for i, req in enumerate(self._slots):
+                if req is not None:
+                    req._finish("cancelled")
+                    self._slots[i] = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the background scheduler thread is running."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def step(self) -> bool:
+        """One scheduler iteration: free, admit + prefill, one decode step. False when idle."""
+        with self._step_lock:
+            try:
+                return self._step()
+            except Exception as e:  # fail the affected requests, keep the engine usable
+                self._fail_active(f"{type(e).__name__}: {e}")
+                raise
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop=None) -> list[list[int]]:
+        """Generate for each prompt (prompt i uses seed + i) and wait; with or without `start()`.
+
+        `stop`: token ids (int) and / or stop strings (str, needs `detokenize`)."""
+        stop = [stop] if isinstance(stop, (int, str)) else list(stop or ())
+        ids = tuple(s for s in stop if not isinstance(s, str))
+        strings = tuple(s for s in stop if isinstance(s, str))
+        reqs = [self.submit(p, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                              top_k=top_k, top_p=top_p, seed=seed + i,
+                                              stop_token_ids=ids, stop=strings))
+                for i, p in enumerate(prompts)]
+        return [r.result() for r in reqs]
+
+    def stats(self) -> dict:
+        """Counters: tokens, steps, prefills, speculative acceptance, slots in use, queue."""
+        s = dict(self._stats)
+        drafted, accepted = s.get("drafted", 0), s.get("accepted", 0)
+        out = {k: s.get(k, 0) for k in ("tokens_generated", "decode_steps", "prefills",
+                                        "requests_finished", "drafted", "accepted")}
+        out.update(acceptance_rate=accepted / drafted if drafted else 0.0,
+                   speculative=self.speculative,
+                   active=sum(r is not None for r in self._slots), queued=len(self._queue))
+        return out
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _validate(self, prompt, params: SamplingParams) -> list[int]:
+        V = self.cfg.vocab_size
+        try:
+            prompt = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise RequestError("prompt must be a list of integer token ids") from None
+        if not prompt:
+            raise RequestError("empty prompt: give at least one token id")
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
+        p = params
+        if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {p.max_new_tokens!r}")
+        limit = min(self.max_seq_len, self.cfg.max_position_embeddings)
+        if len(prompt) + p.max_new_tokens > limit:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) "
+                               f"= {len(prompt) + p.max_new_tokens} exceeds the engine's max_seq_len "
+                               f"of {limit}")
+        if not p.temperature >= 0:
+            raise RequestError(f"temperature must be >= 0, got {p.temperature}")
+        if p.top_p is not None and not 0 < p.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k is not None and (not isinstance(p.top_k, int) or p.top_k < 1):
+            raise RequestError(f"top_k must be an integer >= 1, got {p.top_k!r}")
+        if not isinstance(p.seed, int):
+            raise RequestError(f"seed must be an integer, got {p.seed!r}")
+        bad = [t for t in p.stop_token_ids if not (isinstance(t, int) and 0 <= t < V)]
+        if bad:
+            raise RequestError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {V})")
+        if p.stop and self.detokenize is None:
+            raise RequestError("stop strings need a detokenizer: Engine(..., detokenize=fn)")
+        if any(not isinstance(s, str) or not s for s in p.stop):
+            raise RequestError(f"stop strings must be non-empty strings, got {p.stop!r}")
+        return prompt
+
+    # -- scheduler ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+            try:
+                busy = self.step()
+            except Exception:  # already reported on the failed requests
+                busy = True
+            if not busy:
+                with self._lock:
+                    self._wake.wait_for(lambda: self._stopping or bool(self._queue), timeout=0.05)
+
+    def _step(self) -> bool:
+        for i, req in enumerate(self._slots):
+            if req is not None and (req._cancelled or req.finish_reason is not None):
+                req._finish("cancelled")
+                self._slots[i] = None
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if any(r is not None for r in self._slots):
+            self._decode()
+            return True
+        return bool(admitted)
+
+    def _admit(self) -> list[tuple[int, Request]]:
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        out = []
+        with self._lock:
+            while free and self._queue:
+                req = self._queue.popleft()
+                if req._cancelled:
+                    req._finish("cancelled")
+                    continue
+                slot = free.pop(0)
+                self._slots[slot] = req
+                out.append((slot, req))
+        for slot, req in out:
+            p = req.params
+            self._temperature[slot] = p.temperature
+            self._top_k[slot] = p.top_k or 0
+            self._top_p[slot] = 1.0 if p.top_p is None else p.top_p
+            self._seed[slot] = p.seed % (1 << 32)
+        if out:
+            self._sp_device = None
+        return out
+
+    def _sampling(self, rows=None) -> SamplingArrays:
+        if rows is None:
+            if self._sp_device is None:
+                self._sp_device = self._sampling(np.arange(self.max_batch))
+            return self._sp_device
+        return SamplingArrays(self._temperature[rows], self._top_k[rows], self._top_p[rows],
+                              self._seed[rows])
+
+    def _call(self, fn, *args):
+        if self.mesh is None:
+            return fn(*args)
+        with jax.set_mesh(self.mesh):
+            return fn(*args)
+
+    def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
+        by_bucket = collections.defaultdict(list)
+        for slot, req in admitted:
+            s = min(max(MIN_PREFILL, _pow2_at_least(len(req.prompt))), self.max_seq_len)
+            by_bucket[s].append((slot, req))
+        for s, group in sorted(by_bucket.items()):
+            n = min(self.shards * _pow2_at_least(-(-len(group) // self.shards)), self.max_batch)
+            ids = np.zeros((n, s), np.int32)
+            lengths = np.ones(n, np.int32)
+            rows = np.full(n, self.max_batch, np.int32)  # padding rows write nowhere
+            for i, (slot, req) in enumerate(group):
+                ids[i, :len(req.prompt)] = req.prompt
+                lengths[i], rows[i] = len(req.prompt), slot
+            sp = self._sampling(np.where(rows < self.max_batch, rows, 0))
+            first, self._cache, self._drafts = self._call(
+                self._prefill_fn, self._state, self._cache, self._drafts, ids, lengths, rows, sp)
+            first = np.asarray(first)
+            self._stats["prefills"] += 1
+            for i, (slot, req) in enumerate(group):
+                self._last[slot], self._pos[slot] = first[i], len(req.prompt)
+                self._commit(slot, [int(first[i])])
+
+    def _decode(self) -> None:
+        active = np.array([r is not None for r in self._slots])
+        last, pos = np.where(active, self._last, 0), np.where(active, self._pos, 0)
+        sp = self._sampling()
+        if self.speculative:
+            tokens, accepted, self._cache, self._drafts = self._call(
+                self._spec_fn, self._state, self._cache, self._drafts, last, pos, active, sp)
+            tokens, accepted = np.asarray(tokens), np.asarray(accepted)
+            self._stats["drafted"] += int(active.sum())
+            self._stats["accepted"] += int((accepted & active).sum())
+        else:
+            token, self._cache = self._call(self._decode_fn, self._state, self._cache, last, pos,
+                                            active, sp)
+            tokens, accepted = np.asarray(token)[:, None], np.zeros(self.max_batch, bool)
+        self._stats["decode_steps"] += 1
+        for slot in np.flatnonzero(active):
+            n = 1 + int(accepted[slot])
+            self._last[slot], self._pos[slot] = tokens[slot, n - 1], self._pos[slot] + n
+            self._commit(slot, [int(t) for t in tokens[slot, :n]])
+
+    def _commit(self, slot: int, new: list[int]) -> None:
+        """Append tokens to the slot's request up to its first stop condition; free when done."""
+        req = self._slots[slot]
+        reason, kept = req._extend(new, self.detokenize)
+        self._stats["tokens_generated"] += kept
+        if reason is not None:
+            req._finish(reason)
+            self._slots[slot] = None
+            self._stats["requests_finished"] += 1
+
+    def _reset_device_state(self) -> None:
+        B, T = self.max_batch, self.max_seq_len
+        model = nnx.merge(self._graphdef, self._state)
+        self._cache = kv.allocate(model, B, T, mtp=self.speculative, mesh=self.mesh)
+        self._drafts = (steps.DraftState(jnp.zeros((B,), jnp.int32),
+                                         jnp.zeros((B, self.cfg.vocab_size), jnp.float32))
+                        if self.speculative else None)
+
+    def _fail_active(self, message: str) -> None:
+        for i, req in enumerate(self._slots):
+            if req is not None:
+                req._finish("error", message)
+                self._slots[i] = None
+        self._reset_device_state()  # a failed call may have consumed the donated buffers
+
+
+def iter_tokens(req: Request, timeout: float | None = None) -> Iterator[int]:
+    """Token ids of a request one by one (convenience over `Request.stream`)."""
+    for chunk in req.stream(timeout):
+        yield from chunk
+

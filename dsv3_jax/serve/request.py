@@ -1,0 +1,122 @@
+"""A generation request as the engine and its callers see it: parameters, tokens, completion."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    from dsv3_jax.serve.engine import Engine
+
+
+class RequestError(ValueError):
+    """A bad prompt or bad sampling parameters (HTTP 400)."""
+
+
+class QueueFull(RuntimeError):
+    """The engine's request queue is at `max_queue` (HTTP 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to continue one prompt. temperature 0 is greedy; top_k / top_p None are off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings; need Engine(detokenize=...)
+
+
+class Request:
+    """One prompt's progress. `tokens` grows as the engine produces them; a stop token, or the
+    token that completes a stop string, is kept as the last token."""
+
+    def __init__(self, id: int, prompt: list[int], params: SamplingParams, engine: "Engine"):
+        self.id, self.prompt, self.params = id, prompt, params
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+        self.error: str | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._engine = engine
+        self._cancelled = False
+        self._cond = threading.Condition()
+
+    @property
+    def done(self) -> bool:
+        """Whether the request has finished (for any reason)."""
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next scheduler step ("cancelled")."""
+        self._cancelled = True
+
+    def stream(self, timeout: float | None = None) -> Iterator[list[int]]:
+        """Yield lists of new token ids as they are produced; return when finished.
+
+        Without a running engine thread, waiting drives `engine.step()` itself. `timeout`
+        bounds each wait for new tokens (TimeoutError)."""
+        sent = 0
+        while True:
+            self._wait(lambda: len(self.tokens) > sent or self.done, timeout)
+            with self._cond:
+                new, finished = self.tokens[sent:], self.done
+                sent += len(new)
+            if new:
+                yield new
+            if finished:
+                return
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Block until finished and return the generated tokens (see `finish_reason`, `error`)."""
+        self._wait(lambda: self.done, timeout)
+        return list(self.tokens)
+
+    def _wait(self, ready: Callable[[], bool], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            with self._cond:
+                if ready():
+                    return
+                if self._engine.running:
+                    left = None if deadline is None else deadline - time.perf_counter()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"request {self.id} not ready within {timeout}s")
+                    self._cond.wait(0.1 if left is None else min(left, 0.1))
+                    continue
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"request {self.id} not ready within {timeout}s")
+            self._engine.step()  # no scheduler thread: drive the engine from here
+
+    def _extend(self, new: list[int], detokenize) -> tuple[str | None, int]:
+        """Append tokens until the first stop condition; returns (finish reason or None, kept)."""
+        p, kept, reason = self.params, 0, None
+        with self._cond:
+            for t in new:
+                self.tokens.append(t)
+                kept += 1
+                if t in p.stop_token_ids:
+                    reason = "stop"
+                elif p.stop and any(s in detokenize(self.tokens) for s in p.stop):
+                    reason = "stop"
+                elif len(self.tokens) >= p.max_new_tokens:
+                    reason = "length"
+                if reason:
+                    break
+            if self.first_token_at is None and kept:
+                self.first_token_at = time.perf_counter()
+            self._cond.notify_all()
+        return reason, kept
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        with self._cond:
+            if self.finish_reason is None:
+                self.finish_reason, self.error = reason, error
+                self.finished_at = time.perf_counter()
+            self._cond.notify_all()

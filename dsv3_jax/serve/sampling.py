@@ -1,0 +1,84 @@
+"""Token sampling in fp32: greedy, temperature, top-k, top-p, with per-request seeds.
+
+Every row carries its own parameters, so one jitted step serves requests with different
+settings. The random key of a draw is derived from the request's seed, the position of the
+token being drawn and the purpose of the draw (plain sample, draft, accept test, residual):
+a request's tokens never depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+# purposes of a random draw (folded into the key)
+SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3
+
+
+@dataclasses.dataclass
+class SamplingArrays:
+    """Per-row sampling parameters on the device (one row per engine slot)."""
+
+    temperature: Float[Array, "b"]  # 0: greedy
+    top_k: Int[Array, "b"]          # 0: off
+    top_p: Float[Array, "b"]        # 1: off
+    seed: Int[Array, "b"]           # uint32
+
+
+jax.tree_util.register_dataclass(SamplingArrays, data_fields=["temperature", "top_k", "top_p", "seed"],
+                                 meta_fields=[])
+
+
+def row_keys(seed: Int[Array, "b"], position: Int[Array, "b"], purpose: int) -> jax.Array:
+    """One key per row from (seed, position of the token drawn, purpose)."""
+    def one(s, p):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(s), p), purpose)
+    return jax.vmap(one)(seed, position)
+
+
+def greedy(sp: SamplingArrays) -> Bool[Array, "b"]:
+    """Rows decoded greedily (temperature 0)."""
+    return sp.temperature <= 0
+
+
+def filtered_logits(logits: Float[Array, "b vocab"], sp: SamplingArrays) -> Float[Array, "b vocab"]:
+    """Temperature-scaled fp32 logits with everything outside top-k / top-p set to -inf.
+
+    Greedy rows keep only their argmax. Order as in transformers: temperature, top-k, top-p;
+    the most likely token always survives."""
+    logits = logits.astype(jnp.float32)
+    is_greedy = greedy(sp)
+    t = jnp.where(is_greedy, 1.0, sp.temperature)[:, None]
+    scaled = logits / t
+    v = logits.shape[-1]
+    ranked = -jnp.sort(-scaled, axis=-1)  # descending
+    k = jnp.where(sp.top_k > 0, jnp.minimum(sp.top_k, v), v)
+    k = jnp.where(is_greedy, 1, k)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # keep a ranked token while the mass strictly before it is below top_p
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = before < sp.top_p[:, None]
+    threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled >= jnp.maximum(threshold, kth), scaled, -jnp.inf)
+
+
+def probs(logits: Float[Array, "b vocab"], sp: SamplingArrays) -> Float[Array, "b vocab"]:
+    """The distribution a row samples from (one-hot for greedy rows)."""
+    return jax.nn.softmax(filtered_logits(logits, sp), axis=-1)
+
+
+def sample(logits: Float[Array, "b vocab"], sp: SamplingArrays, position: Int[Array, "b"],
+           purpose: int = SAMPLE) -> Int[Array, "b"]:
+    """Next token per row: argmax for greedy rows, else a draw from `filtered_logits`."""
+    drawn = categorical(row_keys(sp.seed, position, purpose), filtered_logits(logits, sp))
+    return jnp.where(greedy(sp), jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+
+
+def categorical(keys: jax.Array, logits: Float[Array, "b vocab"]) -> Int[Array, "b"]:
+    """One draw per row with its own key (Gumbel-max; -inf logits are never drawn)."""
+    return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, logits).astype(jnp.int32)

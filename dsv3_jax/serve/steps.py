@@ -1,0 +1,98 @@
+"""The engine's jitted device programs: prefill into slots, one decode step, one speculative step.
+
+Each is a pure function of (model state, cache, per-slot arrays) that returns the tokens and
+the updated cache; the cache (and the speculative draft state) is donated, so the buffers are
+updated in place. Shapes are fixed by the engine (all `max_batch` slots per decode step;
+prefills bucketed by batch and prompt length), so nothing recompiles per token or request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.model import DecodeCache
+from dsv3_jax.serve import cache as kv
+from dsv3_jax.serve import speculative
+from dsv3_jax.serve.sampling import SamplingArrays, sample
+
+
+@dataclasses.dataclass
+class DraftState:
+    """Per-slot speculative state: the drafted next token and the distribution it came from."""
+
+    token: Int[Array, "slots"]
+    q: Float[Array, "slots vocab"]
+
+
+jax.tree_util.register_dataclass(DraftState, data_fields=["token", "q"], meta_fields=[])
+
+
+def _at(x: Float[Array, "b s d"], index: Int[Array, "b"]) -> Float[Array, "b 1 d"]:
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)
+
+
+def prefill(graphdef, state, cache: DecodeCache, drafts: DraftState | None, ids: Int[Array, "n s"],
+            lengths: Int[Array, "n"], rows: Int[Array, "n"], sp: SamplingArrays):
+    """Run prompts (right-padded to s) from position 0, write their entries into slots `rows`
+    (max_batch: a padding row, dropped), sample each first token. Returns (first tokens, cache,
+    drafts) with the MTP draft for the token after the first when `drafts` is given."""
+    model = nnx.merge(graphdef, state)
+    n, s = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
+    hidden, entries = model.decode(ids, positions)
+    last = lengths - 1
+    first = sample(model.head(_at(hidden, last))[:, 0], sp, lengths)
+    if drafts is not None:
+        # MTP at position i sees the token at i + 1: the prompt shifted, then the first token
+        next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros((n, 1), ids.dtype)], axis=1)
+        next_ids = next_ids.at[jnp.arange(n), last].set(first)
+        normed, entries.mtp = model.mtp_decode(hidden, next_ids, positions)
+        token, q = speculative.draft(model.head(_at(normed, last))[:, 0], sp, lengths + 1)
+        drafts = DraftState(drafts.token.at[rows].set(token, mode="drop"),
+                            drafts.q.at[rows].set(q, mode="drop"))
+    return first, kv.write(cache, entries, rows, positions), drafts
+
+
+def decode(graphdef, state, cache: DecodeCache, last: Int[Array, "b"], pos: Int[Array, "b"],
+           active, sp: SamplingArrays):
+    """Feed each slot's last token at its position; returns (next token per slot, cache)."""
+    model = nnx.merge(graphdef, state)
+    positions = pos[:, None]
+    hidden, entries = model.decode(last[:, None], positions, cache)
+    token = sample(model.head(hidden)[:, 0], sp, pos + 1)
+    rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
+    return token, kv.write(cache, entries, rows, positions)
+
+
+def speculative_decode(graphdef, state, cache: DecodeCache, drafts: DraftState, last: Int[Array, "b"],
+                       pos: Int[Array, "b"], active, sp: SamplingArrays):
+    """Verify each slot's draft and draft again (dsv3_jax/serve/speculative.py).
+
+    Returns (tokens [b, 2] for positions p + 1, p + 2; accepted [b]: the second token counts
+    only when true; cache; the new drafts)."""
+    model = nnx.merge(graphdef, state)
+    positions = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
+    hidden, entries = model.decode(jnp.stack([last, drafts.token], axis=1), positions, cache)
+    logits = model.head(hidden)
+    tokens, accepted = speculative.verify(logits[:, 0], logits[:, 1], drafts.token, drafts.q, sp, pos)
+    # MTP at p sees the token at p + 1, at p + 1 the one at p + 2 (garbage if rejected: its
+    # cache entry is rewritten next step, which starts at p + 1)
+    normed, entries.mtp = model.mtp_decode(hidden, tokens, positions, cache.mtp)
+    n_new = accepted.astype(jnp.int32)
+    token, q = speculative.draft(model.head(_at(normed, n_new))[:, 0], sp, pos + 2 + n_new)
+    rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
+    return tokens, accepted, kv.write(cache, entries, rows, positions), DraftState(token, q)
+
+
+def jitted(graphdef):
+    """(prefill, decode, speculative_decode) for one model structure, cache and drafts donated."""
+    def jit(fn, donate):
+        return jax.jit(functools.partial(fn, graphdef), donate_argnames=donate)
+    return (jit(prefill, ("cache", "drafts")), jit(decode, ("cache",)),
+            jit(speculative_decode, ("cache", "drafts")))
