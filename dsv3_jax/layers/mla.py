@@ -130,11 +130,12 @@ class MLA(nnx.Module):
             valid = jnp.arange(cache.c_kv.shape[1])[None, :] < start[:, None]  # [batch, time]
             parts.insert(0, jnp.where(valid[:, None, None, :], scores(cache.c_kv, cache.k_pe), lo))
         probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(self.dtype)
-        o_lat = jnp.einsum("bhst,btr->bshr", probs[..., -s:], c_kv, preferred_element_type=f32)
+        # (XLA:CPU has no bf16 x bf16 -> f32 kernel for the "bshr" output order of this dot)
+        o_lat = jnp.einsum("bhst,btr->bhsr", probs[..., -s:], c_kv, preferred_element_type=f32)
         if cache is not None:
-            o_lat = o_lat + jnp.einsum("bhst,btr->bshr", probs[..., :-s], cache.c_kv,
+            o_lat = o_lat + jnp.einsum("bhst,btr->bhsr", probs[..., :-s], cache.c_kv,
                                        preferred_element_type=f32)
-        o = jnp.einsum("bshr,rhd->bshd", o_lat.astype(self.dtype), w_uv,
+        o = jnp.einsum("bhsr,rhd->bshd", o_lat.astype(self.dtype), w_uv,
                        preferred_element_type=f32).astype(self.dtype)
         return project(o, self.o_proj[...], 2, self.precision), LatentCache(c_kv, k_pe)
 

@@ -275,7 +275,7 @@ class Engine:
                 ids[i, :len(req.prompt)] = req.prompt
                 lengths[i], rows[i] = len(req.prompt), slot
             sp = self._sampling(np.where(rows < self.max_batch, rows, 0))
-            first, self._cache, self._drafts = self._call(
+            first, _, self._cache, self._drafts = self._call(
                 self._prefill_fn, self._state, self._cache, self._drafts, ids, lengths, rows, sp)
             first = np.asarray(first)
             self._stats["prefills"] += 1
@@ -294,7 +294,7 @@ class Engine:
             self._stats["drafted"] += int(active.sum())
             self._stats["accepted"] += int((accepted & active).sum())
         else:
-            token, self._cache = self._call(self._decode_fn, self._state, self._cache, last, pos,
+            token, _, self._cache = self._call(self._decode_fn, self._state, self._cache, last, pos,
                                             active, sp)
             tokens, accepted = np.asarray(token)[:, None], np.zeros(self.max_batch, bool)
         self._stats["decode_steps"] += 1

@@ -8,6 +8,7 @@ prefills bucketed by batch and prompt length), so nothing recompiles per token o
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 
@@ -40,14 +41,15 @@ def _at(x: Float[Array, "b s d"], index: Int[Array, "b"]) -> Float[Array, "b 1 d
 def prefill(graphdef, state, cache: DecodeCache, drafts: DraftState | None, ids: Int[Array, "n s"],
             lengths: Int[Array, "n"], rows: Int[Array, "n"], sp: SamplingArrays):
     """Run prompts (right-padded to s) from position 0, write their entries into slots `rows`
-    (max_batch: a padding row, dropped), sample each first token. Returns (first tokens, cache,
-    drafts) with the MTP draft for the token after the first when `drafts` is given."""
+    (max_batch: a padding row, dropped), sample each first token. Returns (first tokens, their
+    logits, cache, drafts) with the MTP draft of the token after the first when `drafts` is given."""
     model = nnx.merge(graphdef, state)
     n, s = ids.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
     hidden, entries = model.decode(ids, positions)
     last = lengths - 1
-    first = sample(model.head(_at(hidden, last))[:, 0], sp, lengths)
+    logits = model.head(_at(hidden, last))[:, 0]
+    first = sample(logits, sp, lengths)
     if drafts is not None:
         # MTP at position i sees the token at i + 1: the prompt shifted, then the first token
         next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros((n, 1), ids.dtype)], axis=1)
@@ -56,18 +58,19 @@ def prefill(graphdef, state, cache: DecodeCache, drafts: DraftState | None, ids:
         token, q = speculative.draft(model.head(_at(normed, last))[:, 0], sp, lengths + 1)
         drafts = DraftState(drafts.token.at[rows].set(token, mode="drop"),
                             drafts.q.at[rows].set(q, mode="drop"))
-    return first, kv.write(cache, entries, rows, positions), drafts
+    return first, logits, kv.write(cache, entries, rows, positions), drafts
 
 
 def decode(graphdef, state, cache: DecodeCache, last: Int[Array, "b"], pos: Int[Array, "b"],
            active, sp: SamplingArrays):
-    """Feed each slot's last token at its position; returns (next token per slot, cache)."""
+    """Feed each slot's last token at its position; returns (next token per slot, logits, cache)."""
     model = nnx.merge(graphdef, state)
     positions = pos[:, None]
     hidden, entries = model.decode(last[:, None], positions, cache)
-    token = sample(model.head(hidden)[:, 0], sp, pos + 1)
+    logits = model.head(hidden)[:, 0]
+    token = sample(logits, sp, pos + 1)
     rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
-    return token, kv.write(cache, entries, rows, positions)
+    return token, logits, kv.write(cache, entries, rows, positions)
 
 
 def speculative_decode(graphdef, state, cache: DecodeCache, drafts: DraftState, last: Int[Array, "b"],
@@ -90,9 +93,22 @@ def speculative_decode(graphdef, state, cache: DecodeCache, drafts: DraftState, 
     return tokens, accepted, kv.write(cache, entries, rows, positions), DraftState(token, q)
 
 
+_JITTED: collections.OrderedDict = collections.OrderedDict()
+
+
 def jitted(graphdef):
-    """(prefill, decode, speculative_decode) for one model structure, cache and drafts donated."""
-    def jit(fn, donate):
-        return jax.jit(functools.partial(fn, graphdef), donate_argnames=donate)
-    return (jit(prefill, ("cache", "drafts")), jit(decode, ("cache",)),
-            jit(speculative_decode, ("cache", "drafts")))
+    """(prefill, decode, speculative_decode) for one model structure, cache and drafts donated.
+
+    Memoised on the structure (the GraphDef's repr names every module type, static attribute and
+    config value): a new engine on a model of the same structure, e.g. with other weights,
+    reuses the compiled programs."""
+    key = repr(graphdef)
+    if key not in _JITTED:
+        def jit(fn, donate):
+            return jax.jit(functools.partial(fn, graphdef), donate_argnames=donate)
+        _JITTED[key] = (jit(prefill, ("cache", "drafts")), jit(decode, ("cache",)),
+                        jit(speculative_decode, ("cache", "drafts")))
+        while len(_JITTED) > 8:
+            _JITTED.popitem(last=False)
+    _JITTED.move_to_end(key)
+    return _JITTED[key]
