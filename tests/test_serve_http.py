@@ -25,9 +25,10 @@ import pytest
 
 from tests.conftest import FIXTURES, ROOT
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
 CONTEXT = 128
+ORACLE_LEN = 20  # prompt + generated tokens in every oracle call: one compile
 EOS = 1
 
 
@@ -170,7 +171,7 @@ def test_concurrent_streams_match_nonstreaming_and_the_oracle(server, ckpt):
         assert choice["finish_reason"] == ("stop" if ids[-1] == EOS else "length")
         assert choice["text"] == ckpt.tokenizer.decode([t for t in ids if t != EOS])
     for p, (_, out) in zip(prompts[:2], plain):
-        assert out["choices"][0]["token_ids"] == oracle(ckpt.model, p, 12)
+        assert out["choices"][0]["token_ids"] == oracle(ckpt.model, p, ORACLE_LEN - 8)
 
 
 def test_text_prompt_stop_strings_and_chat(server, ckpt):
@@ -188,17 +189,17 @@ def test_text_prompt_stop_strings_and_chat(server, ckpt):
     assert (text, ids, reason) == (cut, out["choices"][0]["token_ids"], "stop")
     assert stop in ckpt.tokenizer.decode(ids) and stop not in ckpt.tokenizer.decode(ids[:-1])
 
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    status, out = post(server.port, "/v1/chat/completions", {"messages": messages, "max_tokens": 6})
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = ckpt.tokenizer.encode("<|bos|>user: hi\nassistant:", add_special_tokens=False).ids
+    n = ORACLE_LEN - len(prompt)
+    status, out = post(server.port, "/v1/chat/completions", {"messages": messages, "max_tokens": n})
     assert status == 200 and out["object"] == "chat.completion", out
-    rendered = "<|bos|><system>be brief\n<user>hi\n<assistant>"
-    prompt = ckpt.tokenizer.encode(rendered, add_special_tokens=False).ids
     assert prompt[0] == 0 and out["usage"]["prompt_tokens"] == len(prompt)
     choice = out["choices"][0]
     assert choice["message"]["role"] == "assistant"
-    assert choice["token_ids"] == oracle(ckpt.model, prompt, 6)
+    assert choice["token_ids"] == oracle(ckpt.model, prompt, n)
     events = stream(server.port, "/v1/chat/completions",
-                    {"messages": messages, "max_tokens": 6, "stream_options": {"include_usage": True}})
+                    {"messages": messages, "max_tokens": n, "stream_options": {"include_usage": True}})
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-2]["usage"] == out["usage"]
     assert joined(events, chat=True) == (choice["message"]["content"], choice["token_ids"],
@@ -269,7 +270,8 @@ def test_client_disconnect_cancels_and_server_keeps_serving(server):
 def test_tokenizerless_checkpoint_and_the_cli(server, ckpt):
     """The bare folder serves token ids (same weights: same tokens) and refuses text; serve.py
     --prompt / --prompt-ids stream the same greedy tokens to stdout."""
-    cli = [sys.executable, str(ROOT / "serve.py"), "--dtype", "fp32", "--max-new-tokens", "10"]
+    cli = [sys.executable, str(ROOT / "serve.py"), "--dtype", "fp32", "--max-new-tokens", "10",
+           "--max-batch", "4"]  # the server's shapes: compiled programs come from the cache
     runs = [subprocess.Popen(cli + ["--checkpoint", str(ckpt.tiny), "--prompt", "def main("],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ckpt.env),
             subprocess.Popen(cli + ["--checkpoint", str(ckpt.bare), "--prompt-ids", "5,6,7"],
@@ -328,3 +330,36 @@ def test_queue_full_and_engine_failures_in_process(ckpt, monkeypatch):
     finally:
         server.shutdown()
         engine.shutdown()
+
+
+def test_text_stream_holds_back_split_characters_and_stop_prefixes(ckpt):
+    from dsv3_jax.serve.chat import TextStream
+    tok = ckpt.tokenizer
+    ids = tok.encode("naïve café → done").ids
+    full = tok.decode(ids)
+    assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))  # split characters
+    text = TextStream(tok.decode, hidden_ids=[EOS])
+    pieces = [text.push([t]) for t in ids + [EOS]] + [text.finish()]
+    assert "".join(pieces) == full and not any("\ufffd" in p for p in pieces)
+    for stop in ["café", "é →", "done", "e", "not there"]:
+        text = TextStream(tok.decode, [stop, "zzz"])
+        pieces = [text.push([t]) for t in ids] + [text.finish()]
+        assert "".join(pieces) == (full[:full.index(stop)] if stop in full else full), stop
+        assert text.stopped == (stop in full)
+
+
+def test_chat_templates_and_message_checks():
+    from dsv3_jax.serve.chat import FALLBACK, ChatError, ChatTemplate, check_messages
+    messages = check_messages([{"role": "system", "content": "be brief"},
+                               {"role": "user", "content": [{"type": "text", "text": "hi "},
+                                                            {"type": "text", "text": "there"}]}])
+    assert FALLBACK.render(messages) == "<|system|>\nbe brief\n<|user|>\nhi there\n<|assistant|>\n"
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}"
+                          "{% endif %}{{ bos_token }}{{ messages[0]['content'] }}", bos_token="<s>")
+    assert strict.render(messages[1:]) == "<s>hi there"
+    with pytest.raises(ChatError, match="user first"):
+        strict.render(messages)
+    for bad, words in [([], "non-empty list"), ([{"role": "user"}], "content must be"),
+                       ([{"role": "user", "content": [{"type": "image_url"}]}], "text part")]:
+        with pytest.raises(ChatError, match=words):
+            check_messages(bad)

@@ -95,14 +95,15 @@ def check_messages(messages) -> list[dict]:
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters of `text` could begin a stop string or a split character."""
+    split = len(text) - len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD
+    text = text[:len(text) - split]
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), hold, -1):
             if text.endswith(s[:k]):
                 hold = k
                 break
-    n = len(text) - len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD
-    return max(hold, n)
+    return split + hold
 
 
 class TextStream:
@@ -128,7 +129,7 @@ class TextStream:
             return ""
         self.ids.extend(int(t) for t in ids)
         text = self._text()
-        cut = min((i for i in (text.find(s, self.sent) for s in self.stop)
+        cut = min((i for i in (text.find(s, max(self.sent - len(s) + 1, 0)) for s in self.stop)
                    if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
