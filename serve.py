@@ -121,4 +121,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # bad flags, paths, checkpoints
+        sys.exit(f"error: {e}")

@@ -363,3 +363,41 @@ def test_chat_templates_and_message_checks():
                        ([{"role": "user", "content": [{"type": "image_url"}]}], "text part")]:
         with pytest.raises(ChatError, match=words):
             check_messages(bad)
+
+
+def test_load_for_serving_run_folder_and_bad_paths(ckpt, tmp_path):
+    """A train.py-style run folder (orbax model + optimizer state) loads its latest step, cast to
+    bf16; folders that are neither kind fail naming the path."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from dsv3_jax.checkpoint import Checkpointer
+    from dsv3_jax.serve.loading import LoadError, load_for_serving
+    run = tmp_path / "run"
+    ckpt_dir = Checkpointer(run / "checkpoints", async_save=False)
+    optimizer = nnx.Optimizer(ckpt.model, optax.adamw(1e-3), wrt=nnx.Param)
+    ckpt_dir.save(7, ckpt.model, optimizer, {"step": 7})
+    ckpt_dir.close()
+    shutil.copy(ckpt.tiny / "config.json", run / "config.json")
+    shutil.copy(ckpt.tiny / "tokenizer.json", run / "tokenizer.json")
+    model, tok, template, name = load_for_serving(run, dtype="bf16")
+    assert (name, template, tok.get_vocab_size()) == ("run", None, 512)
+    want = jax.tree.leaves(nnx.state(ckpt.model, nnx.Param))
+    got = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(g.dtype == jnp.bfloat16 for g in got)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w.astype(jnp.bfloat16)))
+    _, tok, template, _ = load_for_serving(ckpt.tiny, dtype="fp32")
+    assert template.bos_token == "<|bos|>" and template.eos_token == "<|eos|>"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "configonly").mkdir()
+    shutil.copy(ckpt.tiny / "config.json", tmp_path / "configonly" / "config.json")
+    for path, words in [(tmp_path / "missing", "is not a folder"), (tmp_path / "empty", "has no config.json"),
+                        (tmp_path / "configonly", "neither a checkpoints/ folder")]:
+        with pytest.raises(LoadError, match=words) as e:
+            load_for_serving(path)
+        assert str(path) in str(e.value)
+    with pytest.raises(LoadError, match="precision 'fp16'"):
+        load_for_serving(ckpt.tiny, dtype="fp16")

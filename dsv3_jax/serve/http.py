@@ -281,6 +281,7 @@ class Handler(BaseHTTPRequestHandler):
     """Routes: GET /health, /v1/models; POST /v1/completions, /v1/chat/completions."""
 
     server_version = "dsv3-jax"
+    protocol_version = "HTTP/1.1"  # keep-alive for JSON responses; event streams close
     GET = ("/health", "/v1/models")
     POST = ("/v1/completions", "/v1/chat/completions")
 
@@ -298,6 +299,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if status == 405:
             self.send_header("Allow", "GET" if self._path() in self.GET else "POST")
+        if status >= 400:  # an unread request body must not be taken for the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 

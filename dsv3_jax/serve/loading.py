@@ -68,7 +68,7 @@ def _load_run(path: Path, precision: str, mesh):
     import jax.numpy as jnp
     from flax import nnx
 
-    from dsv3_jax.checkpoint import Checkpointer
+    from dsv3_jax.checkpoint import Checkpointer, CheckpointRestoreError
     from dsv3_jax.model import init_model
 
     cfg = ModelConfig.from_json(path / "config.json")
@@ -77,6 +77,8 @@ def _load_run(path: Path, precision: str, mesh):
     ckpt = Checkpointer(path / "checkpoints", async_save=False)
     try:
         ckpt.restore(None, model)
+    except CheckpointRestoreError as e:
+        raise LoadError(f"run folder {path}: {e}") from None
     finally:
         ckpt.close()
     if precision != "fp32":  # bf16 parameters, as load_hf gives (the routing bias is no Param)
