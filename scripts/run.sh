@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python train.py --out runs/default "$@"
+# --resume: a second run continues the first (or, when it finished, only regenerates)
+.venv/bin/python train.py --out runs/default --resume "$@"
 exec .venv/bin/python -m dsv3_jax.demo --run runs/default --prompt "def main(" --max-new-tokens 48

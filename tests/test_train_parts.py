@@ -55,7 +55,7 @@ def test_bias_updates_balance_a_skewed_gate_without_training():
         start = float(load_imbalance(fwd(model, ids).expert_counts).max())
         for _ in range(60):
             out = fwd(model, ids)
-            update_routing_bias(model, out, gamma)
+            update_routing_bias(model, out.expert_counts, out.mtp_expert_counts, gamma)
         result[gamma] = (start, float(load_imbalance(fwd(model, ids).expert_counts).max()))
     assert result[0.0][1] == result[0.0][0] > 2.0, result
     assert result[0.01][1] < 1.5 < result[0.01][0], result
@@ -96,3 +96,30 @@ def test_flops_per_token_matches_the_report():
     assert 36.5e9 < activated_matmul_params(v3) + embed < 38e9
     assert 240e9 < flops_per_token(v3, 4096) < 260e9
     assert mfu(1000.0, v3, 4096) is None  # CPU: no known peak
+
+
+def test_accumulated_step_equals_one_big_step_and_moves_the_bias_once():
+    """accumulate=2 over two halves == one batch: same loss, parameters, and ONE bias update
+    from the step's total expert counts (the bias is constant inside the step)."""
+    from dsv3_jax.train.step import train_step
+    batch = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (4, 17)), jnp.int32)
+    gamma = 0.05
+    runs = {}
+    for k in (1, 2):
+        model = init_model(CFG, seed=0)
+        counts = nnx.jit(lambda m, x: m.forward(x[:, :-1], mtp=True))(model, batch)
+        opt = nnx.Optimizer(model, make_optimizer(model, lr=1e-2, warmup_steps=0, total_steps=10),
+                            wrt=nnx.Param)
+        step = nnx.jit(lambda m, o, b: train_step(m, o, b, bias_gamma=gamma))
+        parts = step(model, opt, batch.reshape(k, 4 // k, 17))
+        bias = model.moe_layers.mlp.gate.e_score_correction_bias.get_value()
+        np.testing.assert_allclose(
+            np.asarray(bias), np.asarray(bias_step(jnp.zeros_like(bias), counts.expert_counts, gamma)),
+            atol=1e-7)
+        mtp_bias = model.mtp[0].block.mlp.gate.e_score_correction_bias.get_value()
+        np.testing.assert_allclose(
+            np.asarray(mtp_bias),
+            np.asarray(bias_step(jnp.zeros_like(mtp_bias), counts.mtp_expert_counts[0], gamma)), atol=1e-7)
+        runs[k] = (float(parts["loss"]), np.asarray(model.moe_layers.self_attn.o_proj.get_value()))
+    assert abs(runs[1][0] - runs[2][0]) < 1e-5 * abs(runs[1][0])
+    np.testing.assert_allclose(runs[2][1], runs[1][1], rtol=1e-4, atol=1e-6)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from dsv3_jax.model import ModelOutput, Transformer
+from dsv3_jax.model import Transformer
 
 
 def bias_step(bias: Float[Array, "*layers experts"], counts: Int[Array, "*layers experts"],
@@ -22,18 +22,22 @@ def bias_step(bias: Float[Array, "*layers experts"], counts: Int[Array, "*layers
     return bias + gamma * jnp.sign(mean - load)
 
 
-def update_routing_bias(model: Transformer, out: ModelOutput, gamma: float) -> None:
-    """Apply `bias_step` in place to every sigmoid-gate bias (main MoE layers and MTP)."""
-    if gamma == 0 or model.cfg.topk_method != "noaux_tc":
-        return
+def update_routing_bias(model: Transformer, expert_counts: Int[Array, "moe_layers experts"],
+                        mtp_expert_counts: Int[Array, "depth experts"] | None, gamma: float) -> None:
+    """Apply `bias_step` in place to every sigmoid-gate bias (main MoE layers and MTP).
+
+    The counts are a whole optimizer step's (`ModelOutput.expert_counts`, summed over
+    micro-batches); the MTP biases move only when the MTP modules ran."""
+    if isinstance(gamma, (int, float)) and gamma == 0 or model.cfg.topk_method != "noaux_tc":
+        return  # (gamma may also be a traced scalar: one compiled step for several gammas)
     if model.moe_layers is not None:
         var = model.moe_layers.mlp.gate.e_score_correction_bias
-        var.set_value(bias_step(var.get_value(), out.expert_counts, gamma))
+        var.set_value(bias_step(var.get_value(), expert_counts, gamma))
     for k, module in enumerate(model.mtp):
-        if out.mtp_expert_counts is None:
+        if mtp_expert_counts is None:
             break
         var = module.block.mlp.gate.e_score_correction_bias
-        var.set_value(bias_step(var.get_value(), out.mtp_expert_counts[k], gamma))
+        var.set_value(bias_step(var.get_value(), mtp_expert_counts[k], gamma))
 
 
 def load_imbalance(counts: Int[Array, "layers experts"]) -> Float[Array, "layers"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -20,17 +21,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv3_jax import data
-from dsv3_jax.checkpoint import Checkpointer
+from dsv3_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_model
 from dsv3_jax.weights import load_hf
-from dsv3_jax.train.balance import load_imbalance, update_routing_bias
 from dsv3_jax.train.flops import flops_per_token, mfu
-from dsv3_jax.train.losses import lm_loss
 from dsv3_jax.train.optimizer import make_optimizer
 from dsv3_jax.train.plot import write_plot
+from dsv3_jax.train.step import train_step
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 
@@ -43,7 +44,7 @@ class RunConfig:
     corpus: str | None = None          # None: the Python standard library's sources
     tokenizer: str | None = None       # a tokenizer.json (or folder holding one) instead of training
     steps: int = 1000                  # the default run: ~10 minutes on 2 CPU cores
-    batch_size: int = 8
+    batch_size: int = 8                # sequences per optimizer step (all processes together)
     seq_len: int = 128
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -58,7 +59,7 @@ class RunConfig:
     mtp_lambda: float = 0.3
     balance_alpha: float = 1e-4
     bias_gamma: float = 0.001
-    accumulate: int = 1
+    accumulate: int = 1                # split each step's batch into this many micro-batches
     remat: bool = False
 
 
@@ -67,19 +68,31 @@ class TrainingError(RuntimeError):
 
 
 def _step_fn(run: RunConfig):
-    def step(model, optimizer, batch):
-        grad_fn = nnx.value_and_grad(
-            lambda m: lm_loss(m, batch, mtp_lambda=run.mtp_lambda, balance_alpha=run.balance_alpha),
-            has_aux=True)
-        (loss, (parts, out)), grads = grad_fn(model)
-        optimizer.update(model, grads)
-        update_routing_bias(model, out, run.bias_gamma)
-        parts = dict(parts, grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                                                     for g in jax.tree.leaves(grads))),
-                     imbalance=load_imbalance(out.expert_counts))
-        return parts
+    return nnx.jit(functools.partial(train_step, mtp_lambda=run.mtp_lambda,
+                                     balance_alpha=run.balance_alpha, bias_gamma=run.bias_gamma))
 
-    return nnx.jit(step)
+
+def _batch_layout(run: RunConfig, mesh):
+    """A function host window rows -> the step's [accumulate, micro, seq + 1] global array."""
+    k, procs = run.accumulate, jax.process_count()
+    if k < 1 or run.batch_size % (k * procs):
+        raise TrainingError(f"--batch-size {run.batch_size} must be divisible by --accumulate {k} "
+                            f"x {procs} process(es)")
+    micro = run.batch_size // k
+    if mesh is None:
+        return lambda rows: jnp.asarray(rows.reshape(k, micro, -1))
+    from sharding.rules import batch_axes
+    axes = batch_axes(mesh)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if micro % n:
+        raise TrainingError(f"the batch dimension of size {micro} (--batch-size {run.batch_size} / "
+                            f"--accumulate {k}) is not divisible by {n}, the product of the mesh "
+                            f"axes {'x'.join(axes)} that split it")
+    sharding = NamedSharding(mesh, PartitionSpec(None, axes or None, None))
+    shape = (k, micro, run.seq_len + 1)
+    # each process holds its contiguous slice of every micro-batch (TokenBatcher's layout)
+    return lambda rows: jax.make_array_from_process_local_data(
+        sharding, rows.reshape(k, micro // procs, -1), shape)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -94,18 +107,24 @@ def _check_out_dir(out: Path) -> None:
 
 def train(run: RunConfig, *, log=print) -> list[dict]:
     """Run training; returns the per-step metrics (also written to OUT/metrics.jsonl)."""
+    from sharding.distributed import initialize_from_env
+    initialize_from_env()
     out = Path(run.out)
     _check_out_dir(out)
     cfg = ModelConfig.from_json(run.config)
+    mesh = None
+    if run.mesh or jax.process_count() > 1:
+        from sharding import make_mesh  # several processes: all devices on "data" by default
+        mesh = make_mesh(run.mesh)
+        if cfg.n_routed_experts % mesh.shape["expert"]:
+            raise TrainingError(f"--mesh {run.mesh}: n_routed_experts {cfg.n_routed_experts} is "
+                                f"not divisible by the expert axis size {mesh.shape['expert']}")
+    to_global = _batch_layout(run, mesh)
     files = data.corpus_files(run.corpus)
     tokenizer = data.load_or_train_tokenizer(files, cfg.vocab_size, tokenizer_path=run.tokenizer)
     tokens = data.encode_corpus(files, tokenizer, eos_id=data.EOS_ID)
     batcher = data.TokenBatcher(tokens, run.batch_size, run.seq_len, seed=run.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count())
-    mesh = None
-    if run.mesh:
-        from sharding import make_mesh
-        mesh = make_mesh(run.mesh)
     model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh)
     if run.init_from_hf:
         hf_cfg = ModelConfig.from_json(run.init_from_hf)
@@ -117,38 +136,52 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         nnx.update(model, nnx.state(loaded))
         log(f"initialised from {run.init_from_hf}")
     optimizer = nnx.Optimizer(model, make_optimizer(
-        model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps,
-        accumulate=run.accumulate), wrt=nnx.Param)
+        model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps), wrt=nnx.Param)
     ckpt = Checkpointer(out / "checkpoints", keep=run.keep)
     start = 0
+    if not run.resume and ckpt.all_steps():
+        ckpt.close()
+        raise TrainingError(f"{out / 'checkpoints'} already holds checkpoints (steps "
+                            f"{ckpt.all_steps()}); pass --resume to continue that run or choose "
+                            "another --out (nothing was overwritten)")
     if run.resume and ckpt.latest_step() is not None:
-        extra = ckpt.restore(None, model, optimizer)
+        try:
+            extra = ckpt.restore(None, model, optimizer)
+        except CheckpointRestoreError as e:
+            ckpt.close()
+            raise TrainingError(f"--resume: {e}. Nothing was changed on disk; move that step's "
+                                f"folder aside to resume from an earlier one (steps "
+                                f"{ckpt.all_steps()})") from e
         batcher.restore(extra["data"])
         start = int(extra["step"])
         log(f"resumed from step {start} ({out / 'checkpoints'})")
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
+    if jax.process_index() == 0:
+        tokenizer.save(str(out / "tokenizer.json"))
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out / "run.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     step_fn = _step_fn(run)
+    primary = jax.process_index() == 0
     metrics_path = out / "metrics.jsonl"
-    if start == 0 and metrics_path.exists():
+    if start == 0 and metrics_path.exists() and primary:
         metrics_path.unlink()
     history: list[dict] = []
     tokens_per_step = run.batch_size * run.seq_len
     log(f"model FLOPs per token (fwd+bwd): {flops_per_token(cfg, run.seq_len) / 1e6:.1f}M "
         "(dsv3_jax/train/flops.py); MFU is reported where the device's peak is known")
     log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
-        f"{run.batch_size} x {run.seq_len} tokens, precision {run.precision}, {len(tokens):,} "
-        f"corpus tokens, out {out}")
+        f"{run.batch_size} x {run.seq_len} tokens"
+        f"{f' in {run.accumulate} micro-batches' if run.accumulate > 1 else ''}, precision "
+        f"{run.precision}, {len(tokens):,} corpus tokens, out {out}"
+        f"{f', process {jax.process_index()} of {jax.process_count()}' if jax.process_count() > 1 else ''}")
     try:
-        with open(metrics_path, "a") as mfile, (jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
+        with (open(metrics_path, "a") if primary else contextlib.nullcontext()) as mfile, \
+                (jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
             t_last = time.perf_counter()
             for step in range(start, run.steps):
-                batch = jnp.asarray(batcher.next())
-                parts = jax.device_get(step_fn(model, optimizer, batch))
+                parts = jax.device_get(step_fn(model, optimizer, to_global(batcher.next())))
                 loss = float(parts["loss"])
                 if not math.isfinite(loss):
                     raise TrainingError(f"loss is {loss} at step {step + 1}; stopping (the last "
@@ -162,9 +195,10 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
                 record["mfu"] = mfu(record["tokens_per_s"], cfg, run.seq_len)
                 t_last = now
                 history.append(record)
-                mfile.write(json.dumps(record) + "\n")
-                mfile.flush()
-                _progress(record, run.steps, log)
+                if primary:
+                    mfile.write(json.dumps(record) + "\n")
+                    mfile.flush()
+                    _progress(record, run.steps, log)
                 done = step + 1
                 if done % run.checkpoint_every == 0 or done == run.steps or stop["signal"]:
                     ckpt.save(done, model, optimizer, {"step": done, "data": batcher.state()})
@@ -174,7 +208,7 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
-    if history and jax.process_index() == 0:
+    if history and primary:
         all_records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         log(f"plot: {write_plot(all_records, out / 'metrics.png')}")
     return history

@@ -2,7 +2,8 @@
 
 beta1 0.9, beta2 0.95, weight decay 0.1 on matrices only (not norm gains, not the routing
 bias, which is not a Param at all), global-norm clipping 1.0, linear warmup then cosine decay,
-optional gradient accumulation and bf16 moments.
+optional bf16 moments. Gradient accumulation happens inside the step (train/step.py), so the
+routing bias moves once per optimizer step.
 """
 
 from __future__ import annotations
@@ -24,14 +25,11 @@ def decay_mask(model: Transformer):
 def make_optimizer(model: Transformer, *, lr: float = 3e-4, warmup_steps: int = 100,
                    total_steps: int = 1000, final_lr_fraction: float = 0.1, b1: float = 0.9,
                    b2: float = 0.95, weight_decay: float = 0.1, clip_norm: float = 1.0,
-                   accumulate: int = 1, moments_dtype=None) -> optax.GradientTransformation:
-    """The optax chain: clip -> AdamW(schedule, decay on matrices) [-> accumulate N steps]."""
+                   moments_dtype=None) -> optax.GradientTransformation:
+    """The optax chain: clip -> AdamW(schedule, decay on matrices)."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, max(1, warmup_steps), max(total_steps, warmup_steps + 1), lr * final_lr_fraction)
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=moments_dtype,
                     mask=decay_mask(model)))
-    if accumulate > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
-    return tx
