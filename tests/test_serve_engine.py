@@ -69,7 +69,7 @@ def engine_greedy(engine, prompts, steps_):
         tok = np.zeros(B, np.int32)
         tok[:n] = logits[-1].argmax(-1)
         _, lg, engine._cache = engine._decode_fn(engine._state, engine._cache, tok, pos,
-                                                 np.arange(B) < n, sp)
+                                                 np.arange(B) < n, sp, window=T)
         logits.append(np.asarray(lg)[:n])
         pos += 1
     logits = np.stack(logits, 1)
@@ -196,7 +196,8 @@ def test_decode_step_does_not_reexpand_the_cache(tiny):
         cache = jax.eval_shape(lambda: kv.allocate(model, B, time, mtp=False))
         sp = SamplingArrays(jnp.zeros(B), jnp.zeros(B, jnp.int32), jnp.ones(B), jnp.zeros(B, jnp.uint32))
         z = jnp.zeros(B, jnp.int32)
-        lowered = jax.jit(functools.partial(steps.decode, gd)).lower(st, cache, z, z, jnp.ones(B, bool), sp)
+        lowered = jax.jit(functools.partial(steps.decode, gd, window=time)).lower(
+            st, cache, z, z, jnp.ones(B, bool), sp)
         return lowered.cost_analysis()["flops"]
 
     per = (flops(128) - flops(64)) / 64 / B / cfg.num_hidden_layers
@@ -255,7 +256,7 @@ def test_sampling_statistics():
     def freq(temperature, top_k=0, top_p=1.0):
         sp = SamplingArrays(jnp.full(n, temperature), jnp.full(n, top_k, jnp.int32),
                             jnp.full(n, top_p), jnp.arange(n, dtype=jnp.uint32))
-        toks = sample(rows, sp, jnp.full(n, 7, jnp.int32))
+        toks = jax.jit(sample)(rows, sp, jnp.full(n, 7, jnp.int32))
         return np.bincount(np.asarray(toks), minlength=6) / n
 
     for temp in (0.5, 1.0, 2.0):
@@ -280,7 +281,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
     sp = SamplingArrays(jnp.ones(n), jnp.zeros(n, jnp.int32), jnp.ones(n), jnp.arange(n, dtype=jnp.uint32))
     drafts = jax.vmap(jax.random.categorical)(jax.random.split(jax.random.key(0), n), jnp.log(q))
     rows = jnp.broadcast_to(p_logits, (n, V))
-    tokens, accepted = speculative.verify(rows, rows, drafts.astype(jnp.int32), q, sp,
+    tokens, accepted = jax.jit(speculative.verify)(rows, rows, drafts.astype(jnp.int32), q, sp,
                                           jnp.full(n, 3, jnp.int32))
     freq = np.bincount(np.asarray(tokens[:, 0]), minlength=V) / n
     np.testing.assert_allclose(freq, np.exp(p_logits), atol=0.015)

@@ -29,6 +29,7 @@ from sharding.rules import batch_axes
 __all__ = ["Engine", "QueueFull", "Request", "RequestError", "SamplingParams"]
 
 MIN_PREFILL = 16  # shortest prompt bucket
+MIN_WINDOW = 128  # shortest cache prefix a decode step attends over
 
 
 def _pow2_at_least(n: int) -> int:
@@ -255,11 +256,11 @@ class Engine:
         return SamplingArrays(self._temperature[rows], self._top_k[rows], self._top_p[rows],
                               self._seed[rows])
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, **kw):
         if self.mesh is None:
-            return fn(*args)
+            return fn(*args, **kw)
         with jax.set_mesh(self.mesh):
-            return fn(*args)
+            return fn(*args, **kw)
 
     def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
         by_bucket = collections.defaultdict(list)
@@ -287,15 +288,19 @@ class Engine:
         active = np.array([r is not None for r in self._slots])
         last, pos = np.where(active, self._last, 0), np.where(active, self._pos, 0)
         sp = self._sampling()
+        # attend over a power-of-two prefix covering every slot's cached positions, so a step
+        # costs what the longest context needs, not max_seq_len (one compile per window)
+        window = min(self.max_seq_len, max(MIN_WINDOW, _pow2_at_least(int(pos.max()) + 1)))
         if self.speculative:
             tokens, accepted, self._cache, self._drafts = self._call(
-                self._spec_fn, self._state, self._cache, self._drafts, last, pos, active, sp)
+                self._spec_fn, self._state, self._cache, self._drafts, last, pos, active, sp,
+                window=window)
             tokens, accepted = np.asarray(tokens), np.asarray(accepted)
             self._stats["drafted"] += int(active.sum())
             self._stats["accepted"] += int((accepted & active).sum())
         else:
             token, _, self._cache = self._call(self._decode_fn, self._state, self._cache, last, pos,
-                                            active, sp)
+                                            active, sp, window=window)
             tokens, accepted = np.asarray(token)[:, None], np.zeros(self.max_batch, bool)
         self._stats["decode_steps"] += 1
         for slot in np.flatnonzero(active):

@@ -44,19 +44,28 @@ def greedy(sp: SamplingArrays) -> Bool[Array, "b"]:
     return sp.temperature <= 0
 
 
+def all_greedy(sp: SamplingArrays) -> Bool[Array, ""]:
+    """Whether no row samples (then the sort, the keys and the draws are skipped)."""
+    return jnp.all(greedy(sp))
+
+
 def filtered_logits(logits: Float[Array, "b vocab"], sp: SamplingArrays) -> Float[Array, "b vocab"]:
     """Temperature-scaled fp32 logits with everything outside top-k / top-p set to -inf.
 
-    Greedy rows keep only their argmax. Order as in transformers: temperature, top-k, top-p;
-    the most likely token always survives."""
+    Order as in transformers: temperature, top-k, top-p; the most likely token always
+    survives. Greedy rows are returned unscaled and unfiltered: callers take their argmax."""
     logits = logits.astype(jnp.float32)
     is_greedy = greedy(sp)
-    t = jnp.where(is_greedy, 1.0, sp.temperature)[:, None]
-    scaled = logits / t
-    v = logits.shape[-1]
+    scaled = logits / jnp.where(is_greedy, 1.0, sp.temperature)[:, None]
+    needed = jnp.any(~is_greedy & ((sp.top_k > 0) | (sp.top_p < 1)))
+    return jax.lax.cond(needed, lambda: _top_k_top_p(scaled, sp), lambda: scaled)
+
+
+def _top_k_top_p(scaled, sp: SamplingArrays):
+    """`scaled` with tokens outside each row's top-k and top-p set to -inf (a sort per row)."""
+    v = scaled.shape[-1]
     ranked = -jnp.sort(-scaled, axis=-1)  # descending
     k = jnp.where(sp.top_k > 0, jnp.minimum(sp.top_k, v), v)
-    k = jnp.where(is_greedy, 1, k)
     kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
     ranked = jnp.where(ranked >= kth, ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
@@ -68,15 +77,23 @@ def filtered_logits(logits: Float[Array, "b vocab"], sp: SamplingArrays) -> Floa
 
 
 def probs(logits: Float[Array, "b vocab"], sp: SamplingArrays) -> Float[Array, "b vocab"]:
-    """The distribution a row samples from (one-hot for greedy rows)."""
+    """The distribution a sampled row draws from (greedy rows: softmax of the raw logits)."""
     return jax.nn.softmax(filtered_logits(logits, sp), axis=-1)
 
 
 def sample(logits: Float[Array, "b vocab"], sp: SamplingArrays, position: Int[Array, "b"],
            purpose: int = SAMPLE) -> Int[Array, "b"]:
     """Next token per row: argmax for greedy rows, else a draw from `filtered_logits`."""
-    drawn = categorical(row_keys(sp.seed, position, purpose), filtered_logits(logits, sp))
-    return jnp.where(greedy(sp), jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logits = logits.astype(jnp.float32)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        drawn = categorical(row_keys(sp.seed, position, purpose), filtered_logits(logits, sp))
+        return jnp.where(greedy(sp), best, drawn)
+
+    # the sort and the per-row keys cost more than the model's last layers on CPU: skip them
+    # when every row is greedy (a cond runs one branch)
+    return jax.lax.cond(all_greedy(sp), lambda _: best, draw, None)
 
 
 def categorical(keys: jax.Array, logits: Float[Array, "b vocab"]) -> Int[Array, "b"]:

@@ -16,17 +16,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from dsv3_jax.serve.sampling import (ACCEPT, DRAFT, RESIDUAL, SAMPLE, SamplingArrays, categorical,
-                                     greedy, probs, row_keys, sample)
+from dsv3_jax.serve.sampling import (ACCEPT, DRAFT, RESIDUAL, SAMPLE, SamplingArrays, all_greedy,
+                                     categorical, greedy, probs, row_keys, sample)
 
 
 def draft(mtp_logits: Float[Array, "b vocab"], sp: SamplingArrays, position: Int[Array, "b"]
           ) -> tuple[Int[Array, "b"], Float[Array, "b vocab"]]:
-    """The drafted token for `position` and the draft distribution q it was drawn from."""
-    q = probs(mtp_logits, sp)
-    drawn = categorical(row_keys(sp.seed, position, DRAFT), jnp.log(q))
-    d = jnp.where(greedy(sp), jnp.argmax(mtp_logits, axis=-1), drawn)
-    return d.astype(jnp.int32), q
+    """The drafted token for `position` and the draft distribution q it was drawn from
+    (q is only used for sampled rows; all-greedy batches skip computing it)."""
+    best = jnp.argmax(mtp_logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        q = probs(mtp_logits, sp)
+        drawn = categorical(row_keys(sp.seed, position, DRAFT), jnp.log(q))
+        return jnp.where(greedy(sp), best, drawn), q
+
+    zeros = jnp.zeros(mtp_logits.shape, jnp.float32)
+    return jax.lax.cond(all_greedy(sp), lambda _: (best, zeros), sampled, None)
 
 
 def verify(logits0: Float[Array, "b vocab"], logits1: Float[Array, "b vocab"], drafted: Int[Array, "b"],
@@ -36,16 +42,21 @@ def verify(logits0: Float[Array, "b vocab"], logits1: Float[Array, "b vocab"], d
 
     `logits0` / `logits1` are the main model's logits at p (after the last committed token) and
     at p + 1 (after the draft); the second token is meaningful only when the draft is accepted."""
-    p0 = probs(logits0, sp)
-    p_d = jnp.take_along_axis(p0, drafted[:, None], axis=-1)[:, 0]
-    q_d = jnp.take_along_axis(q, drafted[:, None], axis=-1)[:, 0]
-    u = jax.vmap(jax.random.uniform)(row_keys(sp.seed, position + 1, ACCEPT))
-    is_greedy = greedy(sp)
     best = jnp.argmax(logits0, axis=-1).astype(jnp.int32)
-    accepted = jnp.where(is_greedy, drafted == best, u * q_d < p_d)
-    residual = jnp.maximum(p0 - q, 0.0)
-    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p0)
-    corrected = categorical(row_keys(sp.seed, position + 1, RESIDUAL), jnp.log(residual))
-    first = jnp.where(accepted, drafted, jnp.where(is_greedy, best, corrected))
+    greedy_accepted = drafted == best
+
+    def sampled(_):
+        p0 = probs(logits0, sp)
+        p_d = jnp.take_along_axis(p0, drafted[:, None], axis=-1)[:, 0]
+        q_d = jnp.take_along_axis(q, drafted[:, None], axis=-1)[:, 0]
+        u = jax.vmap(jax.random.uniform)(row_keys(sp.seed, position + 1, ACCEPT))
+        accepted = jnp.where(greedy(sp), greedy_accepted, u * q_d < p_d)
+        residual = jnp.maximum(p0 - q, 0.0)
+        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p0)
+        corrected = categorical(row_keys(sp.seed, position + 1, RESIDUAL), jnp.log(residual))
+        return accepted, jnp.where(greedy(sp), best, corrected)
+
+    accepted, corrected = jax.lax.cond(all_greedy(sp), lambda _: (greedy_accepted, best), sampled, None)
+    first = jnp.where(accepted, drafted, corrected)
     bonus = sample(logits1, sp, position + 2, SAMPLE)
     return jnp.stack([first, bonus], axis=1).astype(jnp.int32), accepted

@@ -3,7 +3,8 @@
 Each is a pure function of (model state, cache, per-slot arrays) that returns the tokens and
 the updated cache; the cache (and the speculative draft state) is donated, so the buffers are
 updated in place. Shapes are fixed by the engine (all `max_batch` slots per decode step;
-prefills bucketed by batch and prompt length), so nothing recompiles per token or request.
+prefills bucketed by batch and prompt length; decode steps read the cache up to a power-of-two
+window past the furthest slot), so nothing recompiles per token or request.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class DraftState:
 jax.tree_util.register_dataclass(DraftState, data_fields=["token", "q"], meta_fields=[])
 
 
+def _window(cache: DecodeCache, window: int) -> DecodeCache:
+    """The first `window` positions of every slot: a step reads only as far as any slot has got."""
+    return jax.tree.map(lambda a: a[..., :window, :], cache)
+
+
 def _at(x: Float[Array, "b s d"], index: Int[Array, "b"]) -> Float[Array, "b 1 d"]:
     return jnp.take_along_axis(x, index[:, None, None], axis=1)
 
@@ -62,11 +68,12 @@ def prefill(graphdef, state, cache: DecodeCache, drafts: DraftState | None, ids:
 
 
 def decode(graphdef, state, cache: DecodeCache, last: Int[Array, "b"], pos: Int[Array, "b"],
-           active, sp: SamplingArrays):
-    """Feed each slot's last token at its position; returns (next token per slot, logits, cache)."""
+           active, sp: SamplingArrays, *, window: int):
+    """Feed each slot's last token at its position (all < window); returns (next token per
+    slot, logits, cache)."""
     model = nnx.merge(graphdef, state)
     positions = pos[:, None]
-    hidden, entries = model.decode(last[:, None], positions, cache)
+    hidden, entries = model.decode(last[:, None], positions, _window(cache, window))
     logits = model.head(hidden)[:, 0]
     token = sample(logits, sp, pos + 1)
     rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
@@ -74,19 +81,20 @@ def decode(graphdef, state, cache: DecodeCache, last: Int[Array, "b"], pos: Int[
 
 
 def speculative_decode(graphdef, state, cache: DecodeCache, drafts: DraftState, last: Int[Array, "b"],
-                       pos: Int[Array, "b"], active, sp: SamplingArrays):
-    """Verify each slot's draft and draft again (dsv3_jax/serve/speculative.py).
+                       pos: Int[Array, "b"], active, sp: SamplingArrays, *, window: int):
+    """Verify each slot's draft and draft again (dsv3_jax/serve/speculative.py); positions < window.
 
     Returns (tokens [b, 2] for positions p + 1, p + 2; accepted [b]: the second token counts
     only when true; cache; the new drafts)."""
     model = nnx.merge(graphdef, state)
     positions = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
-    hidden, entries = model.decode(jnp.stack([last, drafts.token], axis=1), positions, cache)
+    view = _window(cache, window)
+    hidden, entries = model.decode(jnp.stack([last, drafts.token], axis=1), positions, view)
     logits = model.head(hidden)
     tokens, accepted = speculative.verify(logits[:, 0], logits[:, 1], drafts.token, drafts.q, sp, pos)
     # MTP at p sees the token at p + 1, at p + 1 the one at p + 2 (garbage if rejected: its
     # cache entry is rewritten next step, which starts at p + 1)
-    normed, entries.mtp = model.mtp_decode(hidden, tokens, positions, cache.mtp)
+    normed, entries.mtp = model.mtp_decode(hidden, tokens, positions, view.mtp)
     n_new = accepted.astype(jnp.int32)
     token, q = speculative.draft(model.head(_at(normed, n_new))[:, 0], sp, pos + 2 + n_new)
     rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
@@ -104,10 +112,11 @@ def jitted(graphdef):
     reuses the compiled programs."""
     key = repr(graphdef)
     if key not in _JITTED:
-        def jit(fn, donate):
-            return jax.jit(functools.partial(fn, graphdef), donate_argnames=donate)
-        _JITTED[key] = (jit(prefill, ("cache", "drafts")), jit(decode, ("cache",)),
-                        jit(speculative_decode, ("cache", "drafts")))
+        def jit(fn, donate, static=()):
+            return jax.jit(functools.partial(fn, graphdef), donate_argnames=donate,
+                           static_argnames=static)
+        _JITTED[key] = (jit(prefill, ("cache", "drafts")), jit(decode, ("cache",), ("window",)),
+                        jit(speculative_decode, ("cache", "drafts"), ("window",)))
         while len(_JITTED) > 8:
             _JITTED.popitem(last=False)
     _JITTED.move_to_end(key)
