@@ -147,9 +147,11 @@ def oracle(model, prompt, n):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    s = ServerProcess(["--checkpoint", str(ckpt.tiny), "--dtype", "fp32", "--max-batch", "4",
+    s = ServerProcess(["--checkpoint", str(ckpt.tiny), "--dtype", "fp32", "--max-batch", "2",
                        "--max-new-tokens", "12"], ckpt.env).wait()
     yield s
+    # after everything the tests threw at it, the server is still up
+    assert s.proc.poll() is None and get(s.port, "/health")[0] == 200
     s.stop()
 
 
@@ -271,12 +273,12 @@ def test_tokenizerless_checkpoint_and_the_cli(server, ckpt):
     """The bare folder serves token ids (same weights: same tokens) and refuses text; serve.py
     --prompt / --prompt-ids stream the same greedy tokens to stdout."""
     cli = [sys.executable, str(ROOT / "serve.py"), "--dtype", "fp32", "--max-new-tokens", "10",
-           "--max-batch", "4"]  # the server's shapes: compiled programs come from the cache
+           "--max-batch", "2"]  # the servers' shapes: compiled programs come from the cache
     runs = [subprocess.Popen(cli + ["--checkpoint", str(ckpt.tiny), "--prompt", "def main("],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ckpt.env),
             subprocess.Popen(cli + ["--checkpoint", str(ckpt.bare), "--prompt-ids", "5,6,7"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ckpt.env)]
-    bare = ServerProcess(["--checkpoint", str(ckpt.bare), "--dtype", "fp32", "--max-batch", "4"],
+    bare = ServerProcess(["--checkpoint", str(ckpt.bare), "--dtype", "fp32", "--max-batch", "2"],
                          ckpt.env)
     try:
         bare.wait()
