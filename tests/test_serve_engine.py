@@ -140,6 +140,12 @@ def test_joining_requests_and_cancel(tiny, tiny_engine):
     assert d.result() == ref[2][:20]
     assert c.finish_reason == "cancelled" and c.tokens == ref[2][:len(c.tokens)]
     assert tiny_engine.stats()["active"] == 0
+    # nothing recompiles per request or token once a prefill bucket and a window are compiled
+    fns = (tiny_engine._prefill_fn, tiny_engine._decode_fn)
+    sizes = [f._cache_size() for f in fns]
+    assert tiny_engine.generate([PROMPTS[1]], 9) == [ref[1][:9]]
+    tiny_engine.generate([[3, 4]], 17, temperature=0.5, top_p=0.9)
+    assert [f._cache_size() for f in fns] == sizes
 
 
 def test_background_thread_streams(tiny, tiny_engine):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 from jaxtyping import Array, Int
 
 from dsv3_jax.config import ModelConfig
@@ -29,17 +29,22 @@ def bytes_per_token_per_layer(cfg: ModelConfig, dtype) -> int:
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * np.dtype(dtype).itemsize
 
 
+def zeros(shape: tuple[int, ...], dtype, axes: tuple, mesh=None) -> jax.Array:
+    """Zeros placed by logical axes on `mesh` (or on the default device), created on the device.
+
+    Always committed to a device: a jitted step's outputs are, and an uncommitted first input
+    would make the first call's compiled program miss the cache on every later call."""
+    if mesh is None:
+        sharding = SingleDeviceSharding(jax.devices()[0])
+    else:
+        sharding = NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
 def _latent(lead: tuple[int, ...], batch: int, time: int, cfg: ModelConfig, dtype, mesh) -> LatentCache:
     axes = STACK_AXES if lead else MTP_AXES
-
-    def zeros(width):
-        shape = (*lead, batch, time, width)
-        if mesh is None:
-            return jnp.zeros(shape, dtype)
-        sharding = NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
-    return LatentCache(zeros(cfg.kv_lora_rank), zeros(cfg.qk_rope_head_dim))
+    return LatentCache(zeros((*lead, batch, time, cfg.kv_lora_rank), dtype, axes, mesh),
+                       zeros((*lead, batch, time, cfg.qk_rope_head_dim), dtype, axes, mesh))
 
 
 def allocate(model: Transformer, batch: int, time: int, *, mtp: bool, mesh=None) -> DecodeCache:

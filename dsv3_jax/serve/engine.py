@@ -322,8 +322,9 @@ class Engine:
         B, T = self.max_batch, self.max_seq_len
         model = nnx.merge(self._graphdef, self._state)
         self._cache = kv.allocate(model, B, T, mtp=self.speculative, mesh=self.mesh)
-        self._drafts = (steps.DraftState(jnp.zeros((B,), jnp.int32),
-                                         jnp.zeros((B, self.cfg.vocab_size), jnp.float32))
+        self._drafts = (steps.DraftState(kv.zeros((B,), jnp.int32, ("batch",), self.mesh),
+                                         kv.zeros((B, self.cfg.vocab_size), jnp.float32,
+                                                  ("batch", None), self.mesh))
                         if self.speculative else None)
 
     def _fail_active(self, message: str) -> None:

@@ -22,6 +22,7 @@ from dsv3_jax.model import DecodeCache
 from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import speculative
 from dsv3_jax.serve.sampling import SamplingArrays, sample
+from sharding.rules import constrain
 
 
 @dataclasses.dataclass
@@ -30,6 +31,10 @@ class DraftState:
 
     token: Int[Array, "slots"]
     q: Float[Array, "slots vocab"]
+
+    def pinned(self) -> "DraftState":
+        """Laid out like the slots (so every step sees the same input shardings)."""
+        return DraftState(constrain(self.token, ("batch",)), constrain(self.q, ("batch", None)))
 
 
 jax.tree_util.register_dataclass(DraftState, data_fields=["token", "q"], meta_fields=[])
@@ -63,7 +68,7 @@ def prefill(graphdef, state, cache: DecodeCache, drafts: DraftState | None, ids:
         normed, entries.mtp = model.mtp_decode(hidden, next_ids, positions)
         token, q = speculative.draft(model.head(_at(normed, last))[:, 0], sp, lengths + 1)
         drafts = DraftState(drafts.token.at[rows].set(token, mode="drop"),
-                            drafts.q.at[rows].set(q, mode="drop"))
+                            drafts.q.at[rows].set(q, mode="drop")).pinned()
     return first, logits, kv.write(cache, entries, rows, positions), drafts
 
 
@@ -98,7 +103,7 @@ def speculative_decode(graphdef, state, cache: DecodeCache, drafts: DraftState, 
     n_new = accepted.astype(jnp.int32)
     token, q = speculative.draft(model.head(_at(normed, n_new))[:, 0], sp, pos + 2 + n_new)
     rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
-    return tokens, accepted, kv.write(cache, entries, rows, positions), DraftState(token, q)
+    return tokens, accepted, kv.write(cache, entries, rows, positions), DraftState(token, q).pinned()
 
 
 _JITTED: collections.OrderedDict = collections.OrderedDict()
