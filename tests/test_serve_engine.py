@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import ModelConfig, init_model
+from dsv3_jax import ModelConfig, init_model, load_hf
+from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import speculative, steps
 from dsv3_jax.serve.engine import Engine, QueueFull, RequestError, SamplingParams
@@ -120,6 +121,12 @@ def test_sharded_engine_matches_single_device(tiny):
     assert engine.generate(PROMPTS, 24) == [t[:24] for t in tiny[1]]
     spec = engine._cache.moe.c_kv.sharding.spec  # slots split over the batch (expert) axis
     assert spec[1] == "expert", spec
+    # speculative decoding on the mesh, with drafts accepted about half the time
+    plain = Engine(_rig(init_model(TINY, seed=3)), max_seq_len=T, max_batch=4,
+                   speculative=False).generate(PROMPTS, 24)
+    engine = Engine(_rig(init_model(TINY, seed=3, mesh=mesh)), max_seq_len=T, max_batch=4, mesh=mesh)
+    assert engine.generate(PROMPTS, 24) == plain
+    assert 0 < engine.stats()["accepted"] < engine.stats()["drafted"]
 
 
 def test_joining_requests_and_cancel(tiny, tiny_engine):
@@ -325,3 +332,16 @@ def test_queue_full(tiny_engine):
         e.submit([3], SamplingParams(max_new_tokens=2))
     e.shutdown()  # cancels what is queued
     e.submit([3], SamplingParams(max_new_tokens=2))
+
+
+def test_fp8_checkpoint_serves():
+    """precision='fp8' keeps an FP8 checkpoint's kv_b_proj as e4m3 blocks (a QuantizedWeight):
+    the absorbed decode dequantizes it; the first tokens agree with the fp8 full forward."""
+    model = load_hf(FIXTURES / "v3_mtp_fp8_b16", precision="fp8")
+    assert isinstance(model.moe_layers.self_attn.kv_b_proj.get_value(), QuantizedWeight)
+    prompts = [[1, 2, 3, 4], [9, 8, 7, 6]]
+    out = Engine(model, max_seq_len=32, max_batch=2, speculative=False).generate(prompts, 6)
+    assert all(len(o) == 6 and all(0 <= t < model.cfg.vocab_size for t in o) for o in out)
+    logits = np.asarray(nnx.jit(lambda m, ids: m(ids))(model, jnp.asarray(prompts, jnp.int32)))[:, -1]
+    best3 = np.argsort(-logits, axis=-1)[:, :3]  # fp8 vs bf16 rounding may swap near-ties
+    assert all(out[i][0] in best3[i] for i in range(2)), (out, best3)
