@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,7 @@ class Engine:
         self._last, self._pos = np.zeros(B, np.int32), np.zeros(B, np.int32)
         self._temperature, self._top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
         self._top_k, self._seed = np.zeros(B, np.int32), np.zeros(B, np.uint32)
-        self._sp_device = None  # device copy of the per-slot sampling arrays, refreshed on change
+        self._sp_all = None  # the per-slot sampling arrays of a decode step, rebuilt on admission
         self._queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()            # queue and request hand-over
         self._wake = threading.Condition(self._lock)
@@ -77,7 +77,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count()
-        self._stats = collections.Counter()
+        # all keys up front: stats() may copy it from another thread while the scheduler counts
+        self._stats = collections.Counter(dict.fromkeys(
+            ("tokens_generated", "decode_steps", "prefills", "requests_finished", "drafted",
+             "accepted"), 0))
 
     # -- public interface ------------------------------------------------------------------
 
@@ -151,10 +154,8 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters: tokens, steps, prefills, speculative acceptance, slots in use, queue."""
-        s = dict(self._stats)
-        drafted, accepted = s.get("drafted", 0), s.get("accepted", 0)
-        out = {k: s.get(k, 0) for k in ("tokens_generated", "decode_steps", "prefills",
-                                        "requests_finished", "drafted", "accepted")}
+        out = dict(self._stats)
+        drafted, accepted = out["drafted"], out["accepted"]
         out.update(acceptance_rate=accepted / drafted if drafted else 0.0,
                    speculative=self.speculative,
                    active=sum(r is not None for r in self._slots), queued=len(self._queue))
@@ -245,14 +246,14 @@ class Engine:
             self._top_p[slot] = 1.0 if p.top_p is None else p.top_p
             self._seed[slot] = p.seed % (1 << 32)
         if out:
-            self._sp_device = None
+            self._sp_all = None
         return out
 
     def _sampling(self, rows=None) -> SamplingArrays:
         if rows is None:
-            if self._sp_device is None:
-                self._sp_device = self._sampling(np.arange(self.max_batch))
-            return self._sp_device
+            if self._sp_all is None:
+                self._sp_all = self._sampling(np.arange(self.max_batch))
+            return self._sp_all
         return SamplingArrays(self._temperature[rows], self._top_k[rows], self._top_p[rows],
                               self._seed[rows])
 
@@ -333,10 +334,4 @@ class Engine:
                 req._finish("error", message)
                 self._slots[i] = None
         self._reset_device_state()  # a failed call may have consumed the donated buffers
-
-
-def iter_tokens(req: Request, timeout: float | None = None) -> Iterator[int]:
-    """Token ids of a request one by one (convenience over `Request.stream`)."""
-    for chunk in req.stream(timeout):
-        yield from chunk
 
