@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # --resume: a second run continues the first (or, when it finished, only regenerates)
 .venv/bin/python train.py --out runs/default --resume "$@"
-exec .venv/bin/python -m dsv3_jax.demo --run runs/default --prompt "def main(" --max-new-tokens 48
+exec .venv/bin/python serve.py --checkpoint runs/default --prompt "def main(" --max-new-tokens 48
