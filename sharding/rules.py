@@ -21,10 +21,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 RULES: dict[str, tuple[str, ...]] = {
     # activations
-    "batch": ("data", "fsdp", "expert"),
+    "batch": ("pipeline", "data", "fsdp", "expert"),  # pipeline: outside the stages (pipeline.py)
     "seq": (),
     # parameters
-    "layers": (),                     # the pipeline issue maps this to "pipeline"
+    "layers": ("pipeline",),          # each pipeline stage holds its layers (sharding/pipeline.py)
     "vocab": ("tensor",),
     "embed": ("fsdp", "expert"),      # FSDP; the expert axis doubles as FSDP for dense weights
     "embed_concat": ("fsdp", "expert"),

@@ -60,6 +60,7 @@ class RunConfig:
     balance_alpha: float = 1e-4
     bias_gamma: float = 0.001
     accumulate: int = 1                # split each step's batch into this many micro-batches
+    microbatches: int = 0              # pipeline micro-batches per micro-batch (0: one per stage)
     remat: bool = False
 
 
@@ -69,7 +70,28 @@ class TrainingError(RuntimeError):
 
 def _step_fn(run: RunConfig):
     return nnx.jit(functools.partial(train_step, mtp_lambda=run.mtp_lambda,
-                                     balance_alpha=run.balance_alpha, bias_gamma=run.bias_gamma))
+                                     balance_alpha=run.balance_alpha, bias_gamma=run.bias_gamma,
+                                     microbatches=run.microbatches or None))
+
+
+def _pipeline_plan(run: RunConfig, cfg: ModelConfig, mesh):
+    """The pipeline's StagePlan when the mesh has pipeline > 1 (None otherwise); checked up front."""
+    stages = 1 if mesh is None else mesh.shape["pipeline"]
+    if run.microbatches < 0:
+        raise TrainingError(f"--microbatches must be >= 0 (0: one per pipeline stage), got "
+                            f"{run.microbatches}")
+    if stages == 1:
+        if run.microbatches > 1:
+            raise TrainingError(f"--microbatches {run.microbatches} applies to pipeline meshes "
+                                f"only (--mesh pipeline=N,...); the mesh is {run.mesh or 'none'}")
+        return None
+    from sharding.pipeline import PipelineError, check_microbatches, plan_stages
+    try:
+        plan = plan_stages(cfg, stages, run.microbatches or stages)
+        check_microbatches(run.batch_size // run.accumulate, plan, mesh)
+    except PipelineError as e:
+        raise TrainingError(f"--mesh {run.mesh}: {e}") from None
+    return plan
 
 
 def _batch_layout(run: RunConfig, mesh):
@@ -93,6 +115,16 @@ def _batch_layout(run: RunConfig, mesh):
     # each process holds its contiguous slice of every micro-batch (TokenBatcher's layout)
     return lambda rows: jax.make_array_from_process_local_data(
         sharding, rows.reshape(k, micro // procs, -1), shape)
+
+
+def _replicate_unplaced(optimizer: nnx.Optimizer, mesh) -> None:
+    """Put the optimizer's scalars (step counts, made on one device) on the mesh, replicated:
+    the step returns them there, and a changed input sharding would recompile step 2."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    for _, var in nnx.iter_graph(optimizer):
+        if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.Array) and \
+                not isinstance(var.get_value().sharding, NamedSharding):
+            var.set_value(jax.device_put(var.get_value(), replicated))
 
 
 def _check_out_dir(out: Path) -> None:
@@ -120,6 +152,7 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
             raise TrainingError(f"--mesh {run.mesh}: n_routed_experts {cfg.n_routed_experts} is "
                                 f"not divisible by the expert axis size {mesh.shape['expert']}")
     to_global = _batch_layout(run, mesh)
+    plan = _pipeline_plan(run, cfg, mesh)
     files = data.corpus_files(run.corpus)
     tokenizer = data.load_or_train_tokenizer(files, cfg.vocab_size, tokenizer_path=run.tokenizer)
     tokens = data.encode_corpus(files, tokenizer, eos_id=data.EOS_ID)
@@ -137,6 +170,8 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         log(f"initialised from {run.init_from_hf}")
     optimizer = nnx.Optimizer(model, make_optimizer(
         model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps), wrt=nnx.Param)
+    if mesh is not None:
+        _replicate_unplaced(optimizer, mesh)
     ckpt = Checkpointer(out / "checkpoints", keep=run.keep)
     start = 0
     if not run.resume and ckpt.all_steps():
@@ -171,6 +206,8 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     tokens_per_step = run.batch_size * run.seq_len
     log(f"model FLOPs per token (fwd+bwd): {flops_per_token(cfg, run.seq_len) / 1e6:.1f}M "
         "(dsv3_jax/train/flops.py); MFU is reported where the device's peak is known")
+    if plan is not None:
+        log(plan.describe())
     log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
         f"{run.batch_size} x {run.seq_len} tokens"
         f"{f' in {run.accumulate} micro-batches' if run.accumulate > 1 else ''}, precision "
