@@ -183,8 +183,16 @@ def _pipeline(graphdef, leaves, treedef, x, cos, sin, plan: StagePlan, remat: bo
     n_stages, m = plan.stages, plan.microbatches
     b = x.shape[0]
 
+    mb = b // m
+    scatter = mb % n_stages == 0
+
+    # Micro-batch i holds rows i, i + m, i + 2m, ...: a device's contiguous slice of the batch
+    # holds a contiguous slice of every micro-batch, so the split moves no data.
     def micro(a):
-        return a.reshape(m, b // m, *a.shape[1:])
+        return a.reshape(mb, m, *a.shape[1:]).swapaxes(0, 1)
+
+    def unmicro(a):
+        return a.swapaxes(0, 1).reshape(b, *a.shape[2:])
 
     def stage_program(leaves, xs, cos, sin):
         stage = jax.lax.axis_index(AXIS)
@@ -206,15 +214,23 @@ def _pipeline(graphdef, leaves, treedef, x, cos, sin, plan: StagePlan, remat: bo
         _, (ys, aux) = jax.lax.scan(tick, init, jnp.arange(m + n_stages - 1))
         aux = {"expert_counts": aux["expert_counts"].sum(0), "dropped": aux["dropped"].sum(0),
                "balance": aux["balance"].sum(0) / m}  # balance: mean over sequences
-        return ys[n_stages - 1:][None], aux        # the last stage's ys are the outputs
+        # the last stage's ys from tick P - 1 on are the outputs; hand every stage its share
+        # of the batch (reduce-scatter over the micro-batch rows) or, when the rows do not
+        # split over the stages, all of it (all-reduce)
+        ys = jnp.where(stage == n_stages - 1, ys[n_stages - 1:], 0)
+        if scatter:
+            return jax.lax.psum_scatter(ys, AXIS, scatter_dimension=1, tiled=True), aux
+        return jax.lax.psum(ys, AXIS), aux
 
     specs_aux = {"expert_counts": P(AXIS), "balance": P(AXIS), "dropped": P(AXIS)}
     # check_vma=False: with it, differentiating the expert-parallel shard_map nested in a stage
     # names the (already manual) pipeline axis in its residuals' specs, which the partitioner
     # rejects ("axis already bound by a parent manual_computation", jax 0.12). Without it,
-    # cotangents of the stage-replicated inputs (xs, cos, sin) are summed over the stages.
+    # cotangents of the stage-replicated inputs (xs, cos, sin) are summed over the stages and
+    # those of the replicated output divided by them (jax's convention, which keeps psum exact).
     fn = jax.shard_map(stage_program, in_specs=([P(AXIS)] * len(leaves), P(), P(), P()),
-                       out_specs=(P(AXIS), specs_aux), axis_names={AXIS}, check_vma=False)
+                       out_specs=(P(None, AXIS) if scatter else P(), specs_aux),
+                       axis_names={AXIS}, check_vma=False)
     with use_rules(STAGE_RULES):
         ys, aux = fn(leaves, micro(x), micro(cos), micro(sin))
-    return constrain(ys[-1].reshape(x.shape), ACT), aux
+    return constrain(unmicro(ys), ACT), aux

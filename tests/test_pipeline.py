@@ -33,8 +33,7 @@ def _rel(a, b):
 
 def _loss(out, ids):
     ce = -jnp.take_along_axis(jax.nn.log_softmax(out.logits[:, :-1]), ids[:, 1:, None], -1).mean()
-    mtp = -jnp.take_along_axis(jax.nn.log_softmax(out.mtp_logits[0][:, :-1]), ids[:, 2:, None], -1).mean()
-    return ce + 0.3 * mtp + 1e-2 * out.balance.sum()
+    return ce + 1e-2 * out.balance.sum()
 
 
 def _value_and_grad(model, forward):
@@ -53,11 +52,13 @@ def _grads_by_path(grads):
 
 @pytest.fixture(scope="module")
 def reference():
-    return _value_and_grad(init_model(CFG, seed=0), lambda m, ids: m.forward(ids, mtp=True))
+    return _value_and_grad(init_model(CFG, seed=0), lambda m, ids: m.forward(ids))
 
 
 @pytest.mark.parametrize("spec,micro", MESHES)
 def test_pipelined_loss_and_gradients_match_single_device(spec, micro, reference):
+    """Without MTP, to keep the compile small: the training tests below run it (mtp_lambda 0.3),
+    so its loss, gradients and bias update enter every step they compare."""
     mesh = make_mesh(spec)
     model = init_model(CFG, seed=0, mesh=mesh)
     stages = mesh.shape["pipeline"]
@@ -66,15 +67,13 @@ def test_pipelined_loss_and_gradients_match_single_device(spec, micro, reference
     assert gate.sharding.spec[0] == ("pipeline" if CFG.num_moe_layers % stages == 0 else None)
     with jax.set_mesh(mesh):
         loss, out, grads = _value_and_grad(
-            model, lambda m, ids: pipeline_forward(m, ids, microbatches=micro, mtp=True))
+            model, lambda m, ids: pipeline_forward(m, ids, microbatches=micro))
     r_loss, r_out, r_grads = reference
     assert abs(float(loss) - float(r_loss)) <= 1e-5 * abs(float(r_loss))
     assert _rel(out.logits, r_out.logits) <= 1e-5
     assert _rel(out.hidden, r_out.hidden) <= 1e-5
-    assert _rel(out.mtp_logits[0], r_out.mtp_logits[0]) <= 1e-5
     # the bias update's input: per-layer expert counts, in layer order, exactly
     np.testing.assert_array_equal(out.expert_counts, r_out.expert_counts)
-    np.testing.assert_array_equal(out.mtp_expert_counts, r_out.mtp_expert_counts)
     assert _rel(out.balance, r_out.balance) <= 1e-5 and int(out.dropped.sum()) == 0
     g, rg = _grads_by_path(grads), _grads_by_path(r_grads)
     assert g.keys() == rg.keys()

@@ -117,7 +117,7 @@ def _batch_layout(run: RunConfig, mesh):
         sharding, rows.reshape(k, micro // procs, -1), shape)
 
 
-def _replicate_unplaced(optimizer: nnx.Optimizer, mesh) -> None:
+def replicate_unplaced(optimizer: nnx.Optimizer, mesh) -> None:
     """Put the optimizer's scalars (step counts, made on one device) on the mesh, replicated:
     the step returns them there, and a changed input sharding would recompile step 2."""
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -171,7 +171,7 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     optimizer = nnx.Optimizer(model, make_optimizer(
         model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps), wrt=nnx.Param)
     if mesh is not None:
-        _replicate_unplaced(optimizer, mesh)
+        replicate_unplaced(optimizer, mesh)
     ckpt = Checkpointer(out / "checkpoints", keep=run.keep)
     start = 0
     if not run.resume and ckpt.all_steps():
