@@ -11,18 +11,20 @@ on zeros and are masked, as real hardware would sit idle for them: bubble fracti
 (P - 1) / (M + P - 1).
 
 What runs where (`StagePlan`):
-- the MoE stack's last `P * (n_moe // P)` layers: `n_moe // P` consecutive layers per stage,
-  their parameters split over the pipeline axis (the "layers" -> "pipeline" rule);
+- the MoE stack's last `P * (n_moe // P)` layers: `n_moe // P` consecutive layers per stage;
 - before the pipeline, split over ALL devices (the pipeline axis joins the batch axes): the
-  embedding, every dense layer and the first `n_moe % P` MoE layers, i.e. layers that do not
-  fill a whole round of stages. No identity padding: nothing is computed twice or for nothing,
-  and these layers have no bubble. Cost: their parameters are not split over stages (V3 on 8
-  stages: 3 dense + 2 MoE of 61 layers), and a stack whose length P does not divide is stored
-  unsplit over the pipeline axis (the rules fall back to replication), so its pipelined
-  layers reach their stage by a local slice;
+  embedding, every dense layer and the first `n_moe % P` MoE layers, i.e. the layers that do
+  not fill a whole round of stages. No identity padding: nothing is computed for nothing, and
+  these layers have no bubble (V3 on 8 stages: 3 dense + 2 MoE of 61 layers; 7 per stage);
 - after the pipeline, also over all devices: the final norm, the head and the MTP module.
-  Spreading them over the P x (data, fsdp, expert) devices costs 1/P of putting them on the
-  last stage, which would add their time to every tick or serialise them after the loop.
+  Spreading them over the P x (data, fsdp, expert) devices costs 1/P of their time on the
+  last stage, where they would lengthen every tick or run serially after the loop.
+Parameters (sharding/rules.py): a stack whose length P divides is split over the pipeline axis
+by layer ("layers" -> "pipeline"), so each stage holds exactly its layers and reads them in
+place. Everything else (embedding, head, MTP, the dense stack, a MoE stack P does not divide)
+is split over the pipeline axis along its "embed" dimension, FSDP-style: no stage holds a full
+copy, and each step gathers what it uses (a stage's layers of an unevenly split stack arrive
+by an all-to-all over the pipeline axis, their gradients leave by the transpose).
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ from jaxtyping import Array, Int
 from dsv3_jax.layers.rope import rope_cos_sin
 from dsv3_jax.model import ACT, ModelOutput, Transformer, check_token_ids
 from sharding.expert_parallel import ExpertParallelDispatcher
-from sharding.rules import RULES, constrain, use_rules
+from sharding.rules import active_rules, constrain, logical_to_spec, use_rules
 
 AXIS = "pipeline"
-# inside a stage the pipeline axis is manual: the batch is split over the other batch axes only
-STAGE_RULES = dict(RULES, batch=tuple(a for a in RULES["batch"] if a != AXIS))
+
+
+def stage_rules() -> dict[str, tuple[str, ...]]:
+    """The rules inside a stage, where the pipeline axis is manual: the active ones without it
+    (the batch is split over the other batch axes only)."""
+    return {k: tuple(a for a in v if a != AXIS) for k, v in active_rules().items()}
 
 
 class PipelineError(ValueError):
@@ -116,11 +122,13 @@ def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
     if model.dense_layers is not None:
         x, _ = _run_layers(*_split(model.dense_layers), x, cos, sin, model.remat)
     gd, leaves, treedef = _split(model.moe_layers)
+    layouts = [_stored_split(var, mesh) for var in _variables(model.moe_layers)]
     r = plan.moe_before
     aux_before = None
     if r:
         x, aux_before = _run_layers(gd, [v[:r] for v in leaves], treedef, x, cos, sin, model.remat)
-    x, aux = _pipeline(gd, [v[r:] for v in leaves], treedef, x, cos, sin, plan, model.remat)
+    x, aux = _pipeline(gd, [v[r:] for v in leaves], layouts, treedef, x, cos, sin, plan,
+                       model.remat)
     if aux_before is not None:
         aux = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), aux_before, aux)
     hidden = model.norm(x)
@@ -128,8 +136,22 @@ def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
                       expert_counts=aux["expert_counts"], balance=aux["balance"],
                       dropped=aux["dropped"])
     if mtp and len(model.mtp):
-        out.mtp_logits, out.mtp_expert_counts = model.mtp_forward(input_ids, hidden, cos, sin)
+        out.mtp_logits, out.mtp_expert_counts = _mtp_forward(model, input_ids, hidden, cos, sin)
     return out
+
+
+def _mtp_forward(model: Transformer, input_ids, hidden, cos, sin):
+    """`model.mtp_forward` with the shifted embeddings pinned to the batch layout: XLA would
+    otherwise split them along "embed" like the pipeline-split eh_proj, through a full
+    rematerialisation (jax 0.12)."""
+    logits, counts = [], []
+    h = hidden
+    for k, module in enumerate(model.mtp, start=1):
+        emb_next = constrain(model.embed(input_ids[:, k:]), ACT)
+        h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k])
+        logits.append(model.head(h_normed))
+        counts.append(aux["expert_counts"])
+    return tuple(logits), jnp.stack(counts)
 
 
 def check_microbatches(batch: int, plan: StagePlan, mesh) -> None:
@@ -137,7 +159,7 @@ def check_microbatches(batch: int, plan: StagePlan, mesh) -> None:
     m = plan.microbatches
     if batch % m:
         raise PipelineError(f"the batch of {batch} sequences is not divisible by --microbatches {m}")
-    axes = [a for a in STAGE_RULES["batch"] if mesh.shape.get(a, 1) > 1]
+    axes = [a for a in stage_rules()["batch"] if mesh.shape.get(a, 1) > 1]
     n = math.prod(mesh.shape[a] for a in axes)
     if (batch // m) % n:
         raise PipelineError(
@@ -151,6 +173,40 @@ def _split(stack):
     graphdef, state = nnx.split(stack)
     leaves, treedef = jax.tree.flatten(state)
     return graphdef, leaves, treedef
+
+
+def _variables(stack) -> list[nnx.Variable]:
+    """The stack's variables, in the order of `_split`'s leaves."""
+    return jax.tree.leaves(nnx.state(stack), is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def _stored_split(var: nnx.Variable, mesh) -> int | None:
+    """The dimension of a stacked variable that its storage splits over the pipeline axis
+    (sharding/rules.py): 0 when the stage count divides the stack, else e.g. its "embed"
+    dimension (pipeline-major), or None when no dimension is."""
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    spec = logical_to_spec(axes, var.shape, mesh)
+    for dim, entry in enumerate(spec):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        if AXIS in names:
+            if names[0] != AXIS:
+                raise PipelineError(f"rules split dimension {dim} of {axes} over {names}: the "
+                                    "pipeline axis must come first (sharding/rules.py)")
+            return dim
+    return None
+
+
+def _stage_layers(leaf, dim: int | None, n_stages: int):
+    """Inside a stage: its own layers of a stacked leaf, from its stored piece (see
+    `_stored_split`). Split by layer: already. Split along another dimension: an all-to-all
+    over the stages swaps that split for the layer split (its transpose swaps back, so the
+    gradients return to the storage layout). Not split: a local slice."""
+    if dim == 0:
+        return leaf
+    if dim is not None:
+        return jax.lax.all_to_all(leaf, AXIS, split_axis=0, concat_axis=dim, tiled=True)
+    q = leaf.shape[0] // n_stages
+    return jax.lax.dynamic_slice_in_dim(leaf, jax.lax.axis_index(AXIS) * q, q)
 
 
 def _run_layers(graphdef, leaves, treedef, x, cos, sin, remat: bool, dispatcher=None):
@@ -178,13 +234,19 @@ def _stage_dispatcher(graphdef, leaves, treedef):
                                collective="ragged" if d._ragged() else "dense")
 
 
-def _pipeline(graphdef, leaves, treedef, x, cos, sin, plan: StagePlan, remat: bool):
-    """GPipe over the pipeline axis: [batch, seq, embed] through `plan.stages` stages."""
+def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, remat: bool):
+    """GPipe over the pipeline axis: [batch, seq, embed] through `plan.stages` stages.
+
+    `leaves`: the pipelined layers' state ([stages x layers per stage, ...] each), `layouts`:
+    the dimension of each that is stored split over the pipeline axis (`_stored_split`)."""
     n_stages, m = plan.stages, plan.microbatches
     b = x.shape[0]
-
     mb = b // m
-    scatter = mb % n_stages == 0
+    mesh, rules = jax.sharding.get_abstract_mesh(), stage_rules()
+    inner = math.prod(mesh.shape[a] for a in rules["batch"] if a in mesh.shape)
+    # outside the stages the batch is split over (data, fsdp, expert, pipeline), pipeline
+    # fastest: stage p's rows of a micro-batch are blocks p, P + p, 2P + p, ... of P x inner
+    scatter = mb % (inner * n_stages) == 0
 
     # Micro-batch i holds rows i, i + m, i + 2m, ...: a device's contiguous slice of the batch
     # holds a contiguous slice of every micro-batch, so the split moves no data.
@@ -196,6 +258,7 @@ def _pipeline(graphdef, leaves, treedef, x, cos, sin, plan: StagePlan, remat: bo
 
     def stage_program(leaves, xs, cos, sin):
         stage = jax.lax.axis_index(AXIS)
+        leaves = [_stage_layers(v, dim, n_stages) for v, dim in zip(leaves, layouts)]
         dispatcher = _stage_dispatcher(graphdef, leaves, treedef)
 
         def tick(carry, t):
@@ -214,12 +277,12 @@ def _pipeline(graphdef, leaves, treedef, x, cos, sin, plan: StagePlan, remat: bo
         _, (ys, aux) = jax.lax.scan(tick, init, jnp.arange(m + n_stages - 1))
         aux = {"expert_counts": aux["expert_counts"].sum(0), "dropped": aux["dropped"].sum(0),
                "balance": aux["balance"].sum(0) / m}  # balance: mean over sequences
-        # the last stage's ys from tick P - 1 on are the outputs; hand every stage its share
-        # of the batch (reduce-scatter over the micro-batch rows) or, when the rows do not
-        # split over the stages, all of it (all-reduce)
+        # the last stage's ys from tick P - 1 on are the outputs; hand every stage its rows
+        # (a reduce-scatter) or, when the rows do not split that finely, all rows (all-reduce)
         ys = jnp.where(stage == n_stages - 1, ys[n_stages - 1:], 0)
         if scatter:
-            return jax.lax.psum_scatter(ys, AXIS, scatter_dimension=1, tiled=True), aux
+            ys = ys.reshape(m, inner, n_stages, mb // (inner * n_stages), *ys.shape[2:])
+            return jax.lax.psum_scatter(ys, AXIS, scatter_dimension=2, tiled=True), aux
         return jax.lax.psum(ys, AXIS), aux
 
     specs_aux = {"expert_counts": P(AXIS), "balance": P(AXIS), "dropped": P(AXIS)}
@@ -228,9 +291,10 @@ def _pipeline(graphdef, leaves, treedef, x, cos, sin, plan: StagePlan, remat: bo
     # rejects ("axis already bound by a parent manual_computation", jax 0.12). Without it,
     # cotangents of the stage-replicated inputs (xs, cos, sin) are summed over the stages and
     # those of the replicated output divided by them (jax's convention, which keeps psum exact).
-    fn = jax.shard_map(stage_program, in_specs=([P(AXIS)] * len(leaves), P(), P(), P()),
-                       out_specs=(P(None, AXIS) if scatter else P(), specs_aux),
+    leaf_specs = [P() if dim is None else P(*(None,) * dim, AXIS) for dim in layouts]
+    fn = jax.shard_map(stage_program, in_specs=(leaf_specs, P(), P(), P()),
+                       out_specs=(P(None, None, AXIS) if scatter else P(), specs_aux),
                        axis_names={AXIS}, check_vma=False)
-    with use_rules(STAGE_RULES):
+    with use_rules(rules):
         ys, aux = fn(leaves, micro(x), micro(cos), micro(sin))
-    return constrain(unmicro(ys), ACT), aux
+    return constrain(unmicro(ys.reshape(m, mb, *ys.shape[-2:])), ACT), aux

@@ -21,13 +21,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 RULES: dict[str, tuple[str, ...]] = {
     # activations
-    "batch": ("pipeline", "data", "fsdp", "expert"),  # pipeline: outside the stages (pipeline.py)
+    "batch": ("data", "fsdp", "expert", "pipeline"),  # pipeline: outside the stages (pipeline.py)
     "seq": (),
     # parameters
     "layers": ("pipeline",),          # each pipeline stage holds its layers (sharding/pipeline.py)
     "vocab": ("tensor",),
-    "embed": ("fsdp", "expert"),      # FSDP; the expert axis doubles as FSDP for dense weights
-    "embed_concat": ("fsdp", "expert"),
+    # FSDP; the expert axis doubles as FSDP for dense weights, and the pipeline axis for what
+    # is not split by layer (embedding, head, MTP, a stack whose length it does not divide;
+    # pipeline first: a stage's part is one contiguous block, see sharding/pipeline.py)
+    "embed": ("pipeline", "fsdp", "expert"),
+    "embed_concat": ("pipeline", "fsdp", "expert"),
     "heads": ("tensor",),
     "head_dim": (),
     "q_lora": (),
@@ -49,6 +52,11 @@ def use_rules(rules: dict[str, tuple[str, ...]]):
         yield
     finally:
         _active_rules.reset(token)
+
+
+def active_rules() -> dict[str, tuple[str, ...]]:
+    """The logical -> mesh table in use here (`RULES` unless inside `use_rules`)."""
+    return _active_rules.get()
 
 
 def logical_to_spec(axes, shape, mesh) -> P:

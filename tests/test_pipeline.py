@@ -6,7 +6,7 @@ over 4 stages it does not (2 MoE layers run before the pipeline, 1 per stage).
 """
 
 import json
-import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +62,11 @@ def test_pipelined_loss_and_gradients_match_single_device(spec, micro, reference
     mesh = make_mesh(spec)
     model = init_model(CFG, seed=0, mesh=mesh)
     stages = mesh.shape["pipeline"]
-    gate = model.moe_layers.mlp.gate.weight.get_value()
-    # each stage holds only its layers when the stage count divides the stack (else unsplit)
-    assert gate.sharding.spec[0] == ("pipeline" if CFG.num_moe_layers % stages == 0 else None)
+    spec = model.moe_layers.mlp.gate.weight.get_value().sharding.spec
+    # each stage holds only its layers when the stage count divides the stack, else the stack
+    # is split FSDP-style over the pipeline axis along "embed"
+    assert spec[0] == ("pipeline" if CFG.num_moe_layers % stages == 0 else None)
+    assert "pipeline" in jax.tree.leaves(tuple(spec)), spec
     with jax.set_mesh(mesh):
         loss, out, grads = _value_and_grad(
             model, lambda m, ids: pipeline_forward(m, ids, microbatches=micro))
@@ -112,15 +114,14 @@ def config(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for f in sorted((ROOT / "dsv3_jax" / "layers").glob("*.py")):
-        shutil.copy(f, d / f.name)
-    return str(d)
+def corpus():
+    """The standard library's json package: fixed text (edits to this repo do not change the
+    data, so the 10-step trajectories compared below do not either)."""
+    return str(Path(json.__file__).parent)
 
 
 def _train(corpus, config, out, log=lambda *a: None, **kw):
-    base = dict(config=config, corpus=corpus, steps=10, batch_size=8, seq_len=32, warmup_steps=2,
+    base = dict(config=config, corpus=corpus, steps=10, batch_size=8, seq_len=32, warmup_steps=10,
                 checkpoint_every=10, out=str(out))
     base.update(kw)
     return train(RunConfig(**base), log=log)

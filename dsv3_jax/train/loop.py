@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -122,9 +123,10 @@ def replicate_unplaced(optimizer: nnx.Optimizer, mesh) -> None:
     the step returns them there, and a changed input sharding would recompile step 2."""
     replicated = NamedSharding(mesh, PartitionSpec())
     for _, var in nnx.iter_graph(optimizer):
-        if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.Array) and \
-                not isinstance(var.get_value().sharding, NamedSharding):
-            var.set_value(jax.device_put(var.get_value(), replicated))
+        value = var.get_value() if isinstance(var, nnx.Variable) else None
+        if isinstance(value, jax.Array) and not isinstance(value.sharding, NamedSharding):
+            host = np.asarray(value)  # every process made the same value (several processes too)
+            var.set_value(jax.make_array_from_callback(host.shape, replicated, lambda i: host[i]))
 
 
 def _check_out_dir(out: Path) -> None:
