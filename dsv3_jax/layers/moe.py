@@ -5,7 +5,10 @@ The gate chooses experts in fp32: V3 scores with a sigmoid and chooses on `score
 (group score = sum of its top-2); V2 scores with a softmax and chooses greedily (group score =
 group max under `group_limited_greedy`). Routed experts run as a grouped matmul over the
 (token, expert) rows; a dispatcher moves those rows to the experts and back, so expert
-parallelism (sharding/expert_parallel.py) plugs in without touching this file.
+parallelism (sharding/expert_parallel.py) plugs in without touching this file. On one device,
+decode-sized batches (fewer rows than experts) skip the grouping: each row gathers its own
+expert's weights and runs batched matrix-vector products (`RoutedExperts.per_row`), the same
+function with fewer, smaller ops.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.layers import grouped_matmul as gm
 from dsv3_jax.layers.linear import Precision, as_precision, param
 from dsv3_jax.layers.mlp import MLP
@@ -78,6 +82,12 @@ class Gate(nnx.Module):
         return Routing(experts=experts, weights=weights, scores=scores)
 
 
+# Gathered weights of the per-row path, per projection: 8 MiB in fp32. Measured on CPU: past
+# about this size the gathered copy falls out of cache and the grouped path wins even with no
+# more rows than experts.
+_PER_ROW_ELEMENTS = 1 << 21
+
+
 class RoutedExperts(nnx.Module):
     """The E routed SwiGLU experts, stacked: run on a tiled, expert-grouped row buffer."""
 
@@ -103,6 +113,25 @@ class RoutedExperts(nnx.Module):
         """Each tile of rows through its own expert."""
         return expert_ffn(self.weights, xs, layout, self.precision)
 
+    def per_row_fits(self, rows: int) -> bool:
+        """Whether `rows` (token, expert) rows should run through `per_row` (static).
+
+        Grouping shares an expert's weights between its rows; with no more rows than experts it
+        shares almost nothing and its sort, scatter and padded tiles are pure overhead (at 4 rows
+        on configs/tiny.json the grouped path takes 3x as long). The gathered weights are bounded
+        by `_PER_ROW_ELEMENTS` per projection. FP8 experts keep the grouped path (its block-scaled
+        products and their custom VJP)."""
+        w = self.gate_proj.get_value()  # shape only (also on abstract models)
+        if self.precision.fp8 or isinstance(w, QuantizedWeight):
+            return False
+        e, d, f = w.shape
+        return rows <= e and rows * d * f <= _PER_ROW_ELEMENTS
+
+    def per_row(self, xs: Float[Array, "rows embed"], experts: Int[Array, "rows"]
+                ) -> Float[Array, "rows embed"]:
+        """Each row through its own expert, the weights gathered per row (decode-sized batches)."""
+        return per_row_expert_ffn(self.weights, xs, experts, self.precision)
+
 
 def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout,
                precision: Precision) -> Float[Array, "size embed"]:
@@ -112,6 +141,21 @@ def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout
     g = gm.grouped_matmul(xs, w_gate, layout, dtype, fp8)
     u = gm.grouped_matmul(xs, w_up, layout, dtype, fp8)
     return gm.grouped_matmul(jax.nn.silu(g) * u, w_down, layout, dtype, fp8)
+
+
+def per_row_expert_ffn(weights, xs: Float[Array, "rows embed"], experts: Int[Array, "rows"],
+                       precision: Precision) -> Float[Array, "rows embed"]:
+    """SwiGLU of each row with its own expert's weights (`w[experts]`), the numerics of
+    `expert_ffn`: operands in `precision.dtype`, fp32 accumulation, products back in the dtype."""
+    dtype = precision.dtype
+
+    def matmul(a, w):
+        return jnp.einsum("rk,rkn->rn", a, w[experts].astype(dtype),
+                          preferred_element_type=jnp.float32).astype(dtype)
+
+    w_gate, w_up, w_down = weights
+    xs = xs.astype(dtype)
+    return matmul(jax.nn.silu(matmul(xs, w_gate)) * matmul(xs, w_up), w_down)
 
 
 class Dispatcher(Protocol):
@@ -126,14 +170,23 @@ class Dispatcher(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class LocalDispatcher:
-    """All experts on this device: group the rows by expert, run, read them back."""
+    """All experts on this device: group the rows by expert, run, read them back (or, for
+    decode-sized batches, run each row with its own expert's gathered weights)."""
+
+    per_row: bool = True  # False: always group (the reference the per-row path is tested against)
 
     def __call__(self, x, experts, routed, num_experts):
         t, k = experts.shape
-        layout = gm.make_layout(experts.reshape(-1), num_experts)
+        flat = experts.reshape(-1)
         rows = jnp.repeat(x, k, axis=0)  # row r is token r // k
-        y = gm.gather_rows(routed(gm.scatter_rows(rows, layout), layout), layout)
-        return y.reshape(t, k, x.shape[-1]), layout.group_sizes, jnp.zeros((), jnp.int32)
+        if self.per_row and routed.per_row_fits(t * k):
+            y = routed.per_row(rows, flat)
+            counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+        else:
+            layout = gm.make_layout(flat, num_experts)
+            y = gm.gather_rows(routed(gm.scatter_rows(rows, layout), layout), layout)
+            counts = layout.group_sizes
+        return y.reshape(t, k, x.shape[-1]), counts, jnp.zeros((), jnp.int32)
 
 
 class MoE(nnx.Module):
