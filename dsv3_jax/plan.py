@@ -1,0 +1,523 @@
+"""Cluster planner: per-device memory and FLOPs of a training or serving layout, and meshes that fit.
+
+    python -m dsv3_jax.plan --config configs/deepseek-v3-671b.json \\
+        --mesh pipeline=8,expert=32 --device h100-80g --batch 256 --seq 4096
+    python -m dsv3_jax.plan --config ... --mesh expert=32 --device h200 --batch 64 --seq 4096 --serve
+    python -m dsv3_jax.plan --config ... --devices 256 --device h100-80g --batch 256 --seq 4096
+
+Everything is per device, in bytes, for the layout `sharding/rules.py` gives the mesh (the
+same table the model uses, so the planner cannot drift from the code). Notation: mesh axes
+P (pipeline), Dd (data), Fs (fsdp), X (expert), T (tensor); D hidden size, V vocab, F the
+expert FFN width, H heads, E routed experts, k experts per token, S sequence length, c the
+compute itemsize (2 for bf16), p the parameter itemsize, m the moments' itemsize.
+
+State (exact): for every variable of the abstract model (`abstract_model`, shapes only),
+  shard bytes = prod(shape) / prod(mesh axes its logical axes map to) * itemsize.
+- params: all nnx.Param shards in the parameter dtype (fp32 master weights by default);
+- optimizer: AdamW's mu (in the moments dtype: optax's `mu_dtype`) and nu (always in the
+  parameter dtype), laid out like the params;
+- gradients (a temporary of the step): like the params, in the parameter dtype (twice with
+  --accumulate > 1: the running sum and one micro-batch's).
+
+Activations of one step (training; `--remat` keeps only each layer's input, the default):
+- tok = (batch / accumulate) * S / (Dd Fs X P) tokens per device outside the pipeline stages,
+  tok_mb = (batch / accumulate / M) * S / (Dd Fs X) per pipeline micro-batch inside a stage;
+- checkpoints: D * c * (layers before the pipeline * tok + (M + P - 1) ticks * layers per stage
+  * tok_mb), i.e. every layer input of every tick the GPipe scan keeps for its backward pass;
+- one layer's working set at its backward (the largest of the forward it recomputes):
+  attention scores and probabilities 3 * (tok_mb / S) * (H / T) * S^2 * 4 bytes, and the
+  expert-parallel dispatch: R = X * cap rows per device, cap = tok_mb * min(k, E / X)
+  (dropless) or ceil(cf * tok_mb * k / X) (capacity factor cf); DISPATCH_BUFFERS row buffers
+  of D values (send, receive, grouped, returned, and their gradients) and FFN_BUFFERS of
+  F / T values (gate, up, their product and gradients), in c bytes;
+- vocabulary: the head and embedding are FSDP-split along D and gathered whole for the
+  step: VOCAB_COPIES * V / T * D * p (gathered head, its full gradient and the embedding's
+  scatter-added gradient before their reduce-scatters);
+- logits: tok * V / T * 4 bytes * 2 (fp32 logits and their gradient) per head (main + MTP);
+- gathered: the largest layer's weights as its matmuls use them, i.e. with their "embed"
+  dims gathered over the FSDP axes, less the stored shard, twice (the weights and their
+  full gradient before its reduce-scatter), in p bytes. Small when experts are split over
+  the expert axis; ~11 GB for a V3 layer whose 256 experts are FSDP-split instead.
+
+Serving (the engine's decode step, bf16 by default):
+- params as above; the latent cache: layers * slots / (Dd Fs X) * context *
+  (kv_lora_rank + qk_rope_head_dim) * c (the cache's "layers" axis is also split over P);
+- the step's temporaries: logits 2 * slots * V * 4, one layer's gathered weights (as in
+  training, once) and the expert dispatch buffers of the slots' tokens;
+- capacity: the most slots whose cache fits next to the rest (a multiple of Dd Fs X).
+
+FLOPs (dsv3_jax/train/flops.py): training 6 x activated matmul weights + causal attention per
+token, times the tokens of a step; decoding 2 x activated weights + absorbed attention over
+the context, 2 * H * context * (2 * kv_lora_rank + qk_rope_head_dim) per layer.
+
+The figures are checked against XLA's memory analysis of the compiled steps
+(dsv3_jax/aot.py, tests/test_plan.py, SCALE.md). A device fits when the total is at most
+(1 - HEADROOM) of its memory: the rest is left to the runtime (CUDA context, NCCL buffers,
+fragmentation); set XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 so JAX may use that much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import types
+
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from sharding.mesh import AXES, MeshError, parse_mesh_spec
+
+GiB = 2**30
+HEADROOM = 0.08
+DISPATCH_BUFFERS = 6
+FFN_BUFFERS = 6
+VOCAB_COPIES = 3
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    memory: int          # bytes, as the driver reports them
+    peak_flops: float    # dense bf16 FLOP/s
+
+
+DEVICES = {
+    "h100-80g": Device("NVIDIA H100 80GB", 81559 * 2**20, 989e12),
+    "h200": Device("NVIDIA H200 141GB", 143771 * 2**20, 989e12),
+    "a100-80g": Device("NVIDIA A100 80GB", 81920 * 2**20, 312e12),
+    "a100-40g": Device("NVIDIA A100 40GB", 40960 * 2**20, 312e12),
+    "tpu-v5p": Device("TPU v5p", 95 * GiB, 459e12),
+    "tpu-v4": Device("TPU v4", 32 * GiB, 275e12),
+    "tpu-v5e": Device("TPU v5e", 16 * GiB, 197e12),
+}
+DEVICES["h200-141g"] = DEVICES["h200"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A layout to plan or compile: model, mesh, batch, precision, and train or serve."""
+
+    config: ModelConfig
+    mesh: tuple[tuple[str, int], ...]    # all five axes, in sharding.mesh.AXES order
+    batch: int                           # sequences per optimizer step / engine slots
+    seq: int                             # training sequence length / serving context
+    serve: bool = False
+    accumulate: int = 1
+    microbatches_arg: int = 0            # pipeline micro-batches (0: one per stage)
+    param_dtype: str = "fp32"            # training: fp32 master weights; serving: bf16
+    moments_dtype: str = "bf16"
+    precision: str = "bf16"              # compute: bf16 activations and matmuls
+    remat: bool = True
+    capacity_factor: float | None = None
+    mtp: bool = True
+    config_path: str = ""
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    @property
+    def mesh_spec(self) -> str:
+        return ",".join(f"{a}={n}" for a, n in self.mesh if n > 1) or "data=1"
+
+    @property
+    def devices(self) -> int:
+        return math.prod(n for _, n in self.mesh)
+
+    @property
+    def stages(self) -> int:
+        return self.sizes["pipeline"]
+
+    @property
+    def microbatches(self) -> int:
+        return (self.microbatches_arg or self.stages) if self.stages > 1 else 1
+
+    @property
+    def compute(self):
+        from dsv3_jax.layers.linear import Precision
+        return Precision(DTYPES["fp32" if self.precision == "fp32" else "bf16"],
+                         self.precision == "fp8")
+
+    @property
+    def param_jnp(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def moments_jnp(self):
+        return DTYPES[self.moments_dtype]
+
+    def describe(self) -> str:
+        what = (f"serve {self.batch} slots x {self.seq} context" if self.serve else
+                f"train batch {self.batch} x {self.seq}, accumulate {self.accumulate}, "
+                f"{self.microbatches} micro-batches, moments {self.moments_dtype}, "
+                f"remat {'on' if self.remat else 'off'}")
+        cf = f", capacity factor {self.capacity_factor}" if self.capacity_factor else ", dropless"
+        return (f"{self.config_path or 'model'} on {self.mesh_spec}: {what}, params "
+                f"{self.param_dtype}, compute {self.precision}{cf}")
+
+
+def make_setup(config, mesh: str, devices: int | None = None, **kw) -> Setup:
+    """A Setup from a config (path or ModelConfig) and a mesh spec like "pipeline=8,expert=32"."""
+    path = ""
+    if not isinstance(config, ModelConfig):
+        path, config = str(config), ModelConfig.from_json(config)
+    if devices is None:
+        devices = math.prod(int(p.split("=")[1]) for p in mesh.split(",") if "=" in p)
+    sizes = parse_mesh_spec(mesh, devices)
+    if not kw.get("mtp", True):
+        config = config.replace(num_nextn_predict_layers=0)
+    return Setup(config=config, mesh=tuple((a, sizes[a]) for a in AXES), config_path=path, **kw)
+
+
+# ------------------------------------------------------------------------------- state bytes
+def _variables(cfg: ModelConfig) -> tuple:
+    """(logical axes, shape, is a Param, fixed dtype or None) of every variable: shapes only."""
+    return _variables_of(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _variables_of(cfg_json: str) -> tuple:
+    from flax import nnx
+
+    from dsv3_jax.model import abstract_model
+    model = abstract_model(ModelConfig.from_dict(json.loads(cfg_json)), param_dtype=jnp.bfloat16)
+    out = []
+    for _, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.Variable):
+            axes = v.get_metadata().get("logical_axes") or (None,) * len(v.shape)
+            fixed = None if v.dtype == jnp.bfloat16 else v.dtype  # e.g. the fp32 routing bias
+            out.append((tuple(axes), tuple(v.shape), isinstance(v, nnx.Param), fixed))
+    return tuple(out)
+
+
+def shard_elements(axes, shape, sizes: dict[str, int]) -> int:
+    """Elements of one device's shard of an array laid out by the logical-axis rules."""
+    from sharding.rules import logical_to_spec
+    spec = logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes))
+    split = 1
+    for entry in spec:
+        for a in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
+            split *= sizes[a]
+    return math.prod(shape) // split
+
+
+FSDP_AXES = ("embed", "embed_concat")  # dims split for storage only, gathered for compute
+
+
+def gathered_layer_bytes(setup: Setup, dtype) -> int:
+    """Bytes one device gathers for the largest layer: each stacked weight of one layer as
+    the compute uses it (its "embed" dims whole), less the shard it stores."""
+    from sharding.rules import logical_to_spec
+    sizes, itemsize = setup.sizes, jnp.dtype(dtype).itemsize
+    per_stack: dict[int, int] = {}
+    for axes, shape, is_param, _ in _variables(setup.config):
+        if not is_param or not axes or axes[0] != "layers":
+            continue
+        spec = logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes))
+        used = stored = 1
+        for name, entry in zip(axes[1:], tuple(spec)[1:]):
+            n = math.prod(sizes[a] for a in (entry if isinstance(entry, tuple) else
+                                             (entry,) if entry else ()))
+            stored *= n
+            used *= 1 if name in FSDP_AXES else n
+        layer = math.prod(shape[1:])
+        per_stack[shape[0]] = per_stack.get(shape[0], 0) + layer // used - layer // stored
+    return max(per_stack.values(), default=0) * itemsize
+
+
+def state_bytes(setup: Setup, dtype) -> tuple[int, int, int]:
+    """(Param bytes in `dtype`, Param elements, other variables' bytes) per device."""
+    itemsize = jnp.dtype(dtype).itemsize
+    params = elements = other = 0
+    for axes, shape, is_param, fixed in _variables(setup.config):
+        n = shard_elements(axes, shape, setup.sizes)
+        if is_param:
+            params, elements = params + n * itemsize, elements + n
+        else:
+            other += n * jnp.dtype(fixed or dtype).itemsize
+    return params, elements, other
+
+
+# ------------------------------------------------------------------------------- estimate
+@dataclasses.dataclass
+class Estimate:
+    """Per-device bytes by part, FLOPs, and the verdict inputs."""
+
+    parts: dict[str, int]
+    flops_per_token: float
+    tokens_per_step: int
+    notes: list[str]
+    capacity_slots: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.flops_per_token * self.tokens_per_step
+
+    def fits(self, device: Device) -> bool:
+        return self.total <= (1 - HEADROOM) * device.memory
+
+    def as_dict(self) -> dict:
+        return dict(parts=self.parts, total=self.total, flops_per_token=self.flops_per_token,
+                    flops_per_step=self.flops_per_step, notes=self.notes,
+                    capacity_slots=self.capacity_slots)
+
+
+def _dispatch_rows(setup: Setup, tokens: float) -> int:
+    """R: rows one device receives from the expert-parallel all-to-all (see the docstring)."""
+    cfg, X = setup.config, setup.sizes["expert"]
+    k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    if X == 1:
+        return int(tokens * k)
+    if setup.capacity_factor is None:
+        return int(X * tokens * min(k, E // X))
+    return int(X * max(1, min(tokens * min(k, E // X), math.ceil(setup.capacity_factor * tokens * k / X))))
+
+
+def estimate(setup: Setup) -> Estimate:
+    """Per-device memory and FLOPs of `setup` (formulas in the module docstring)."""
+    return _serve(setup) if setup.serve else _train(setup)
+
+
+def _train(setup: Setup) -> Estimate:
+    from dsv3_jax.train.flops import flops_per_token
+    cfg, s = setup.config, setup.sizes
+    P, M, S = setup.stages, setup.microbatches, setup.seq
+    c, p = 2 if setup.precision != "fp32" else 4, jnp.dtype(setup.param_jnp).itemsize
+    D, V, T, H = cfg.hidden_size, cfg.vocab_size, s["tensor"], cfg.num_attention_heads
+    inner = s["data"] * s["fsdp"] * s["expert"]
+    micro = setup.batch / setup.accumulate
+    tok = micro * S / (inner * P)
+    tok_mb = micro / M * S / inner
+    params, elements, other = state_bytes(setup, setup.param_jnp)
+    mom = jnp.dtype(setup.moments_jnp).itemsize
+    parts = {"params": params + other, "optimizer": elements * (mom + p),
+             "gradients": params * (2 if setup.accumulate > 1 else 1)}
+    if P > 1:
+        per_stage = cfg.num_moe_layers // P
+        before = cfg.num_dense_layers + cfg.num_moe_layers % P
+        held = before * tok + (M + P - 1) * per_stage * tok_mb
+    else:
+        held = cfg.num_hidden_layers * tok
+    R = _dispatch_rows(setup, tok_mb)
+    F = cfg.moe_intermediate_size / T
+    attention = 3 * (tok_mb / S) * (H / T) * S * S * 4
+    dispatch = R * (DISPATCH_BUFFERS * D + FFN_BUFFERS * F) * c
+    if setup.remat:
+        parts["activations"] = int(held * D * c + attention + dispatch)
+    else:  # every layer keeps its working set for the backward pass
+        layers = cfg.num_hidden_layers / P
+        parts["activations"] = int(held * D * c + layers * (attention + dispatch))
+    parts["vocab"] = int(VOCAB_COPIES * V / T * D * p)
+    parts["gathered"] = 2 * gathered_layer_bytes(setup, setup.param_jnp)
+    heads = 1 + (cfg.num_nextn_predict_layers if setup.mtp else 0)
+    parts["logits"] = int(tok * V / T * 4 * 2 * heads)
+    notes = [f"dispatch: R = {R:,} rows per device per MoE layer "
+             f"({'dropless' if setup.capacity_factor is None else f'capacity factor {setup.capacity_factor}'})"]
+    if P > 1 and cfg.num_moe_layers % P:
+        notes.append(f"{cfg.num_moe_layers} MoE layers are not divisible by {P} stages: the "
+                     "stack is stored split along its embed dimension (sharding/pipeline.py)")
+    return Estimate(parts, flops_per_token(cfg, S), setup.batch * S, notes)
+
+
+def _cache_bytes_per_slot(setup: Setup) -> float:
+    """One slot's latent cache on the devices that hold it (all layers, full context)."""
+    cfg = setup.config
+    layers = cfg.num_dense_layers + cfg.num_moe_layers
+    c = 4 if setup.precision == "fp32" else 2
+    return layers / setup.stages * setup.seq * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * c
+
+
+def _serve(setup: Setup) -> Estimate:
+    from dsv3_jax.train.flops import activated_matmul_params
+    cfg, s = setup.config, setup.sizes
+    shards = s["data"] * s["fsdp"] * s["expert"]
+    if setup.batch % shards:
+        raise MeshError(f"{setup.batch} slots are not divisible by the {shards} batch shards "
+                        "(data x fsdp x expert) of the mesh")
+    params, _, other = state_bytes(setup, setup.param_jnp)
+    slots = setup.batch // shards
+    per_slot = _cache_bytes_per_slot(setup)
+    V, T = cfg.vocab_size, s["tensor"]
+    R = _dispatch_rows(setup, slots)
+    c = 2 if setup.precision != "fp32" else 4
+    parts = {"params": params + other, "kv_cache": int(slots * per_slot),
+             "gathered": gathered_layer_bytes(setup, setup.param_jnp),
+             "activations": int(setup.batch * V * 4 * 2 + R * (DISPATCH_BUFFERS * cfg.hidden_size
+                                + FFN_BUFFERS * cfg.moe_intermediate_size / T) * c)}
+    attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * setup.seq / 2 * (
+        2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    est = Estimate(parts, 2 * activated_matmul_params(cfg) + attn, setup.batch, [])
+    fixed = parts["params"] + parts["activations"]
+    for name, dev in DEVICES.items():
+        free = (1 - HEADROOM) * dev.memory - fixed
+        est.capacity_slots[name] = max(0, int(free // per_slot)) * shards
+    return est
+
+
+# ------------------------------------------------------------------------------- mesh search
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_meshes(cfg: ModelConfig, devices: int, *, serve: bool) -> list[str]:
+    """Meshes over `devices` that the model's shapes allow (pipeline divides the MoE layers
+    when training; expert divides the experts; tensor divides the heads; the rest on fsdp)."""
+    out = []
+    for P in ([1] if serve else _divisors(devices)):
+        if P > 1 and cfg.num_moe_layers % P:
+            continue  # an uneven stack replicates expert weights (see SCALE.md)
+        for X in _divisors(devices // P):
+            if cfg.n_routed_experts % X:
+                continue
+            for T in (1, 2, 4, 8):
+                rest = devices // (P * X)
+                if rest % T or cfg.num_attention_heads % T:
+                    continue
+                F = rest // T
+                spec = f"pipeline={P},fsdp={F},expert={X},tensor={T}"
+                out.append(spec)
+    return out
+
+
+def search(config, devices: int, device: Device, **kw) -> list[tuple[Setup, Estimate]]:
+    """The meshes that fit, best first: smallest pipeline bubble, then smallest tensor axis
+    (tensor parallelism all-reduces activations in every layer), then most free memory."""
+    rows = []
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_json(config)
+    for spec in candidate_meshes(cfg, devices, serve=kw.get("serve", False)):
+        try:
+            setup = make_setup(config, spec, devices, **kw)
+            est = estimate(setup)
+            _check_batch(setup)
+        except (MeshError, ValueError):
+            continue
+        if est.fits(device):
+            rows.append((setup, est))
+    bubble = lambda st: (st.stages - 1) / (st.microbatches + st.stages - 1)  # noqa: E731
+    rows.sort(key=lambda r: (bubble(r[0]), r[0].sizes["tensor"], r[1].total))
+    return rows
+
+
+def _check_batch(setup: Setup) -> None:
+    s = setup.sizes
+    inner = s["data"] * s["fsdp"] * s["expert"]
+    micro = setup.batch // setup.accumulate
+    if setup.serve:
+        return
+    if setup.batch % setup.accumulate or micro % (inner * setup.stages) or \
+            (micro // setup.microbatches) % inner:
+        raise MeshError(f"batch {setup.batch} does not split over {setup.mesh_spec} "
+                        f"({setup.microbatches} micro-batches of {inner} shards)")
+
+
+# ------------------------------------------------------------------------------- CLI
+def gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def report(setup: Setup, est: Estimate, devices: list[Device]) -> str:
+    """The table and verdict for one layout."""
+    lines = [setup.describe(), f"{setup.devices} devices; per device:"]
+    width = max(len(k) for k in est.parts)
+    for k, v in est.parts.items():
+        lines.append(f"  {k:<{width}}  {gb(v):>12}")
+    lines.append(f"  {'total':<{width}}  {gb(est.total):>12}")
+    lines += [f"  note: {n}" for n in est.notes]
+    what = "generated token" if setup.serve else "token (fwd+bwd)"
+    lines.append(f"FLOPs per {what}: {est.flops_per_token:.3e}; per step: {est.flops_per_step:.3e}")
+    for dev in devices:
+        verdict = "FITS" if est.fits(dev) else "DOES NOT FIT"
+        lines.append(f"{dev.name} ({gb(dev.memory)}, {1 - HEADROOM:.0%} usable): {verdict}"
+                     + (f"; at most {est.capacity_slots[_key(dev)]:,} slots of {setup.seq} "
+                        "tokens" if setup.serve else
+                        f"; ideal step {est.flops_per_step / (setup.devices * dev.peak_flops):.2f} s"
+                        " at 100% MFU"))
+    return "\n".join(lines)
+
+
+def _key(dev: Device) -> str:
+    return next(k for k, v in DEVICES.items() if v is dev)
+
+
+def comparison_table(rows) -> str:
+    """Markdown rows: setup, compile time, compiler bytes, planner bytes, ratio."""
+    out = ["| step | mesh | compile s | compiler GB/device | planner GB/device | planner / compiler |",
+           "|---|---|---:|---:|---:|---:|"]
+    for setup, compiled, est in rows:
+        out.append(f"| {compiled.kind} | {setup.mesh_spec} | {compiled.compile_s:.0f} | "
+                   f"{compiled.total / 1e9:.2f} | {est.total / 1e9:.2f} | "
+                   f"{est.total / compiled.total:.3f} |")
+    return "\n".join(out)
+
+
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", required=True, help="model config JSON (HF field names)")
+    ap.add_argument("--mesh", default="", help='e.g. "pipeline=8,expert=32" (absent axes: 1)')
+    ap.add_argument("--devices", type=int, default=None, help="device count (default: the mesh's)")
+    ap.add_argument("--batch", type=int, required=True, help="sequences per step / serving slots")
+    ap.add_argument("--seq", type=int, required=True, help="sequence length / serving context")
+    ap.add_argument("--serve", action="store_true", help="plan the decode step, not training")
+    ap.add_argument("--accumulate", type=int, default=1)
+    ap.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (0: P)")
+    ap.add_argument("--param-dtype", choices=DTYPES, default=None,
+                    help="stored parameters (default fp32 master weights; bf16 serving)")
+    ap.add_argument("--moments-dtype", choices=DTYPES, default="bf16")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="bf16")
+    ap.add_argument("--no-remat", dest="remat", action="store_false")
+    ap.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    ap.add_argument("--no-mtp", dest="mtp", action="store_false")
+
+
+def setup_from_args(args, mesh: str | None = None) -> Setup:
+    return make_setup(args.config, mesh if mesh is not None else args.mesh, args.devices,
+                      batch=args.batch, seq=args.seq, serve=args.serve,
+                      accumulate=args.accumulate, microbatches_arg=args.microbatches,
+                      param_dtype=args.param_dtype or ("bf16" if args.serve else "fp32"),
+                      moments_dtype=args.moments_dtype, precision=args.precision,
+                      remat=args.remat, capacity_factor=args.capacity_factor, mtp=args.mtp)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_setup_args(ap)
+    ap.add_argument("--device", default="h100-80g", choices=sorted(DEVICES))
+    ap.add_argument("--top", type=int, default=8, help="meshes listed without --mesh")
+    args = ap.parse_args(argv)
+    device = DEVICES[args.device]
+    try:
+        if args.mesh:
+            setup = setup_from_args(args)
+            _check_batch(setup)
+            print(report(setup, estimate(setup), [device]))
+            return 0
+        if not args.devices:
+            ap.error("give --mesh, or --devices N to search the meshes that fit")
+        probe = setup_from_args(args, mesh=f"fsdp={args.devices}")
+        found = search(args.config, args.devices, device, **{
+            f.name: getattr(probe, f.name) for f in dataclasses.fields(Setup)
+            if f.name not in ("config", "mesh", "config_path")})
+    except (MeshError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"no mesh of {args.devices} x {device.name} fits this setup")
+        return 1
+    print(f"{len(found)} meshes of {args.devices} x {device.name} fit; best first:")
+    for setup, est in found[:args.top]:
+        print(f"  {setup.mesh_spec:<40} {gb(est.total):>12} per device")
+    print()
+    print(report(*found[0], [device]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

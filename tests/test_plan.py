@@ -1,0 +1,84 @@
+"""The cluster planner (dsv3_jax/plan.py) against real shards and against the compiler (aot.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax import aot, plan
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import init_model
+from dsv3_jax.serve import cache as kv
+from sharding import make_mesh
+
+from conftest import ROOT
+
+TINY = ROOT / "configs" / "tiny.json"
+V2 = ROOT / "configs" / "deepseek-v2-lite.json"
+V3 = ROOT / "configs" / "deepseek-v3-671b.json"
+
+
+@pytest.mark.parametrize("spec", ["pipeline=2,expert=4", "fsdp=2,expert=2,tensor=2"])
+def test_state_bytes_equal_the_placed_shards(spec):
+    """Per-device parameter bytes from the rules equal what init_model puts on device 0."""
+    cfg = ModelConfig.from_json(TINY)
+    mesh = make_mesh(spec)
+    model = init_model(cfg, mesh=mesh)
+    dev = jax.devices()[0]
+    placed = {"param": 0, "other": 0}
+    for _, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.Variable):
+            shard = next(s for s in v.get_value().addressable_shards if s.device == dev)
+            placed["param" if isinstance(v, nnx.Param) else "other"] += shard.data.nbytes
+    setup = plan.make_setup(TINY, spec, batch=8, seq=32)
+    params, _, other = plan.state_bytes(setup, jnp.float32)
+    assert (params, other) == (placed["param"], placed["other"])
+
+
+def test_cache_bytes_match_the_engine_layout():
+    setup = plan.make_setup(V3, "expert=16", batch=64, seq=4096, serve=True, param_dtype="bf16")
+    cfg = setup.config
+    per_token_layer = kv.bytes_per_token_per_layer(cfg, jnp.bfloat16)
+    est = plan.estimate(setup)
+    assert est.parts["kv_cache"] == 64 // 16 * 4096 * cfg.num_hidden_layers * per_token_layer
+    # 671B in bf16 on 16 devices: ~86 GB of weights each, more than an H100 holds
+    assert not est.fits(plan.DEVICES["h100-80g"]) and est.fits(plan.DEVICES["h200"])
+    assert est.capacity_slots["h100-80g"] == 0 and est.capacity_slots["h200"] > 64
+
+
+def test_cli_verdict_and_mesh_search(capsys):
+    args = ["--config", str(V3), "--batch", "256", "--seq", "4096", "--capacity-factor", "1.25"]
+    assert plan.main(args + ["--mesh", "pipeline=2,expert=128", "--device", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "optimizer" in out and "FLOPs per token" in out
+    assert plan.main(args + ["--accumulate", "4", "--devices", "256", "--device", "h100-80g"]) == 0
+    out = capsys.readouterr().out
+    assert "fit; best first" in out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  pipeline=")]
+    assert listed
+    for spec in listed:  # every proposal fits by the planner's own numbers
+        setup = plan.make_setup(V3, spec, batch=256, seq=4096, capacity_factor=1.25, accumulate=4)
+        assert plan.estimate(setup).fits(plan.DEVICES["h100-80g"])
+    assert plan.main(args + ["--mesh", "pipeline=2,expert=128", "--batch", "100"]) == 2
+
+
+def test_dispatch_rows_dropless_and_capacity():
+    s = plan.make_setup(V3, "expert=32", batch=32, seq=128)
+    assert plan._dispatch_rows(s, 1000) == 32 * 1000 * 8          # min(k, E / X) = 8
+    s = plan.make_setup(V3, "expert=32", batch=32, seq=128, capacity_factor=1.0)
+    assert plan._dispatch_rows(s, 1000) == 32 * 250               # 1.0 * 1000 * 8 / 32
+
+
+def test_v2_lite_train_step_compiles_for_64_devices_and_the_planner_agrees():
+    """The real train step (GPipe over 2 stages, 32-way expert parallelism) compiles for a
+    64-device simulated mesh under a 10 GiB address-space limit (V2-Lite: 63 GB of fp32
+    weights), and the planner's per-device total is within 15% of XLA's memory analysis."""
+    r = aot.run_subprocess(["--config", str(V2), "--mesh", "pipeline=2,expert=32", "--batch",
+                            "64", "--seq", "256", "--precision", "fp32", "--max-memory-gb", "10"])
+    assert r["peak_rss"] < 10 * 2**30
+    parts = r["planner"]["parts"]
+    # the step's inputs are the params and the optimizer state: exact
+    assert abs(parts["params"] + parts["optimizer"] - r["argument"]) < 1e-3 * r["argument"]
+    assert r["alias"] >= 0.99 * r["argument"]  # the state is donated: updated in place
+    assert np.isclose(r["planner"]["total"], r["total"], rtol=0.15), (r["planner"], r["total"])
