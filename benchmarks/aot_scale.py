@@ -48,8 +48,18 @@ def run_case(args: list[str], limit_gb: float) -> dict:
                                "--max-memory-gb", str(limit_gb)], timeout=3600)
 
 
-def row(name: str, r: dict) -> str:
-    p = r["planner"]
+def planner(args: list[str]) -> plan.Estimate:
+    """The planner's estimate for a case, computed here (with the current formulas)."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    plan.add_setup_args(ap)
+    config, mesh, *rest = args
+    return plan.estimate(plan.setup_from_args(ap.parse_args(["--config", config, "--mesh", mesh,
+                                                             *rest])))
+
+
+def row(name: str, r: dict, est: plan.Estimate) -> str:
+    p = est.as_dict()
     ratio = p["total"] / r["total"]
     fits = lambda b, dev: "fits" if b <= (1 - plan.HEADROOM) * plan.DEVICES[dev].memory else "no"  # noqa: E731
     return (f"| {name} | {r['kind']} | {r['mesh']} | {r['lower_s']:.0f} + {r['compile_s']:.0f} | "
@@ -76,7 +86,7 @@ def main() -> int:
             print(f"{name}: FAILED\n{e}", file=sys.stderr)
             lines.append(f"| {name} | failed: {str(e).splitlines()[-1][:80]} |")
             continue
-        lines.append(row(name, r))
+        lines.append(row(name, r, planner(case_args)))
         print(lines[-1], f"({time.perf_counter() - t0:.0f} s; {r['setup']})", flush=True)
     table = "\n".join(lines)
     print(table)
