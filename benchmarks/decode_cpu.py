@@ -186,7 +186,7 @@ def step_ms_vs_context(model, args) -> list[list]:
 
                 def run(n):
                     for _ in range(n):
-                        tok, _, e._cache = e._decode_fn(e._state, e._cache, last, pos, active, sp,
+                        tok, _, e._cache, _ = e._decode_fn(e._weights, e._cache, last, pos, active, sp,
                                                         window=c)
                     jax.block_until_ready(tok)
 

@@ -64,12 +64,12 @@ def engine_greedy(engine, prompts, steps_):
     sp = engine._sampling(np.arange(B))  # idle engine: all slots greedy
     rows = np.where(np.arange(B) < n, np.arange(B), B).astype(np.int32)
     _, lg, engine._cache, engine._drafts = engine._prefill_fn(
-        engine._state, engine._cache, engine._drafts, ids, lengths, rows, sp)
+        engine._weights, engine._cache, engine._drafts, ids, lengths, rows, sp)
     logits, pos = [np.asarray(lg)[:n]], lengths.copy()
     for _ in range(steps_ - 1):
         tok = np.zeros(B, np.int32)
         tok[:n] = logits[-1].argmax(-1)
-        _, lg, engine._cache = engine._decode_fn(engine._state, engine._cache, tok, pos,
+        _, lg, engine._cache, _ = engine._decode_fn(engine._weights, engine._cache, tok, pos,
                                                  np.arange(B) < n, sp, window=T)
         logits.append(np.asarray(lg)[:n])
         pos += 1
@@ -203,14 +203,15 @@ def test_decode_step_does_not_reexpand_the_cache(tiny):
     H * (2 * kv_lora + rope) per layer and row, not like kv_b_proj's re-expansion."""
     model = tiny[0]
     gd, st = nnx.split(model)
+    weights, treedef = jax.tree.flatten(st)
     B, cfg = 2, TINY
 
     def flops(time):
         cache = jax.eval_shape(lambda: kv.allocate(model, B, time, mtp=False))
         sp = SamplingArrays(jnp.zeros(B), jnp.zeros(B, jnp.int32), jnp.ones(B), jnp.zeros(B, jnp.uint32))
         z = jnp.zeros(B, jnp.int32)
-        lowered = jax.jit(functools.partial(steps.decode, gd, window=time)).lower(
-            st, cache, z, z, jnp.ones(B, bool), sp)
+        lowered = jax.jit(functools.partial(steps.decode, (gd, treedef), window=time)).lower(
+            weights, cache, z, z, jnp.ones(B, bool), sp)
         return lowered.cost_analysis()["flops"]
 
     per = (flops(128) - flops(64)) / 64 / B / cfg.num_hidden_layers

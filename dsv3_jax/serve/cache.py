@@ -29,16 +29,24 @@ def bytes_per_token_per_layer(cfg: ModelConfig, dtype) -> int:
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * np.dtype(dtype).itemsize
 
 
+def _sharding(shape: tuple[int, ...], axes: tuple, mesh):
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
 def zeros(shape: tuple[int, ...], dtype, axes: tuple, mesh=None) -> jax.Array:
     """Zeros placed by logical axes on `mesh` (or on the default device), created on the device.
 
     Always committed to a device: a jitted step's outputs are, and an uncommitted first input
     would make the first call's compiled program miss the cache on every later call."""
-    if mesh is None:
-        sharding = SingleDeviceSharding(jax.devices()[0])
-    else:
-        sharding = NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=_sharding(shape, axes, mesh))()
+
+
+def put(value: np.ndarray, axes: tuple, mesh=None) -> jax.Array:
+    """A host array placed like `zeros` (e.g. per-slot step inputs, laid out as the step's
+    outputs that replace them are)."""
+    return jax.device_put(value, _sharding(np.shape(value), axes, mesh))
 
 
 def _latent(lead: tuple[int, ...], batch: int, time: int, cfg: ModelConfig, dtype, mesh) -> LatentCache:

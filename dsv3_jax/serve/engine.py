@@ -6,11 +6,19 @@ into free slots, then runs ONE decode step over all `max_batch` slots (one or tw
 slot with MTP speculative decoding). Device programs live in dsv3_jax/serve/steps.py; their
 shapes are fixed (prefills bucketed by batch and prompt length), so there is no recompile per
 token or request. Token bookkeeping (stop tokens, stop strings, lengths) is host-side here.
+
+While the slots hold the same requests, decode steps are chained on the device: step n + 1 is
+dispatched with step n's tokens and positions as device arrays, and the host reads step n's
+tokens while n + 1 runs, so the host's dispatch and bookkeeping overlap the device's work (on
+CPU dispatch costs about as much as a small model's step). A request that stops at step n has
+had step n + 1 computed for it too; that token is dropped. A change of slots (admission, a
+finished or cancelled request) first reads the step in flight.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import threading
 from typing import Callable
@@ -34,6 +42,19 @@ MIN_WINDOW = 128  # shortest cache prefix a decode step attends over
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched decode step whose tokens the host has not read yet."""
+
+    requests: tuple             # each slot's request when it was dispatched (None: idle slot)
+    tokens: jax.Array           # [slots, 1], or [slots, 2] speculative
+    accepted: jax.Array | None  # [slots] bool, speculative: whether the second token counts
+    last: jax.Array             # the next step's inputs, on the device
+    pos: jax.Array
+    active: jax.Array
+    advance: int                # the most positions a slot moves in this step
 
 
 class Engine:
@@ -62,7 +83,8 @@ class Engine:
         self.dtype = model.dtype
         self.cache_bytes_per_token_per_layer = kv.bytes_per_token_per_layer(cfg, self.dtype)
         self._graphdef, self._state = nnx.split(model)
-        self._prefill_fn, self._decode_fn, self._spec_fn = steps.jitted(self._graphdef)
+        self._weights, treedef = jax.tree.flatten(self._state)  # what the steps take
+        self._prefill_fn, self._decode_fn, self._spec_fn = steps.jitted(self._graphdef, treedef)
         self._reset_device_state()
         B = max_batch
         self._slots: list[Request | None] = [None] * B
@@ -70,6 +92,7 @@ class Engine:
         self._temperature, self._top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
         self._top_k, self._seed = np.zeros(B, np.int32), np.zeros(B, np.uint32)
         self._sp_all = None  # the per-slot sampling arrays of a decode step, rebuilt on admission
+        self._inflight: _InFlight | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()            # queue and request hand-over
         self._wake = threading.Condition(self._lock)
@@ -115,6 +138,7 @@ class Engine:
             thread.join()
         with self._step_lock, self._lock:
             self._thread = None
+            self._inflight = None
             for req in self._queue:
                 req._finish("cancelled")
             self._queue.clear()
@@ -219,6 +243,8 @@ class Engine:
             if req is not None and (req._cancelled or req.finish_reason is not None):
                 req._finish("cancelled")
                 self._slots[i] = None
+        if self._queue and None in self._slots:
+            self._drain()  # an admission changes the slots: read the step in flight first
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
@@ -250,9 +276,9 @@ class Engine:
         return out
 
     def _sampling(self, rows=None) -> SamplingArrays:
-        if rows is None:
+        if rows is None:  # every slot, for decode steps: kept on the device
             if self._sp_all is None:
-                self._sp_all = self._sampling(np.arange(self.max_batch))
+                self._sp_all = jax.tree.map(self._put, self._sampling(np.arange(self.max_batch)))
             return self._sp_all
         return SamplingArrays(self._temperature[rows], self._top_k[rows], self._top_p[rows],
                               self._seed[rows])
@@ -278,33 +304,68 @@ class Engine:
                 lengths[i], rows[i] = len(req.prompt), slot
             sp = self._sampling(np.where(rows < self.max_batch, rows, 0))
             first, _, self._cache, self._drafts = self._call(
-                self._prefill_fn, self._state, self._cache, self._drafts, ids, lengths, rows, sp)
+                self._prefill_fn, self._weights, self._cache, self._drafts, ids, lengths, rows, sp)
             first = np.asarray(first)
             self._stats["prefills"] += 1
             for i, (slot, req) in enumerate(group):
                 self._last[slot], self._pos[slot] = first[i], len(req.prompt)
                 self._commit(slot, [int(first[i])])
 
+    def _put(self, host: np.ndarray) -> jax.Array:
+        """A per-slot array on the device, laid out like the slots."""
+        return kv.put(host, ("batch",), self.mesh)
+
     def _decode(self) -> None:
-        active = np.array([r is not None for r in self._slots])
-        last, pos = np.where(active, self._last, 0), np.where(active, self._pos, 0)
+        """Dispatch one decode step over all slots, then read the previous one (see the module
+        docstring); with the same requests in the slots the step's inputs stay on the device."""
+        prev, reqs = self._inflight, tuple(self._slots)
+        if prev is not None and any(a is not b for a, b in zip(prev.requests, reqs)):
+            self._drain()
+            prev, reqs = None, tuple(self._slots)
+        if prev is not None and all(r is None or len(r.tokens) + 1 >= r.params.max_new_tokens
+                                    for r in reqs):
+            self._drain()  # the step in flight ends every request: start no other
+            return
+        act = np.array([r is not None for r in reqs])
+        if not act.any():
+            return
+        if prev is not None:
+            last, pos, active, lag = prev.last, prev.pos, prev.active, prev.advance
+        else:
+            last, pos = (self._put(np.where(act, a, 0).astype(np.int32)) for a in (self._last, self._pos))
+            active, lag = self._put(act), 0
         sp = self._sampling()
         # attend over a power-of-two prefix covering every slot's cached positions, so a step
-        # costs what the longest context needs, not max_seq_len (one compile per window)
-        window = min(self.max_seq_len, max(MIN_WINDOW, _pow2_at_least(int(pos.max()) + 1)))
+        # costs what the longest context needs, not max_seq_len (one compile per window); the
+        # host's positions lag the device's by the step in flight
+        furthest = int(self._pos[act].max()) + lag
+        window = min(self.max_seq_len, max(MIN_WINDOW, _pow2_at_least(furthest + 1)))
         if self.speculative:
-            tokens, accepted, self._cache, self._drafts = self._call(
-                self._spec_fn, self._state, self._cache, self._drafts, last, pos, active, sp,
+            tokens, accepted, self._cache, self._drafts, last, pos = self._call(
+                self._spec_fn, self._weights, self._cache, self._drafts, last, pos, active, sp,
                 window=window)
-            tokens, accepted = np.asarray(tokens), np.asarray(accepted)
-            self._stats["drafted"] += int(active.sum())
-            self._stats["accepted"] += int((accepted & active).sum())
+            advance = 2
         else:
-            token, _, self._cache = self._call(self._decode_fn, self._state, self._cache, last, pos,
-                                            active, sp, window=window)
-            tokens, accepted = np.asarray(token)[:, None], np.zeros(self.max_batch, bool)
+            tokens, _, self._cache, pos = self._call(self._decode_fn, self._weights, self._cache,
+                                                     last, pos, active, sp, window=window)
+            last, tokens, accepted, advance = tokens, tokens[:, None], None, 1
         self._stats["decode_steps"] += 1
-        for slot in np.flatnonzero(active):
+        self._drain()  # read the previous step while this one runs
+        self._inflight = _InFlight(reqs, tokens, accepted, last, pos, active, advance)
+
+    def _drain(self) -> None:
+        """Read the step in flight and commit its tokens to the requests still in their slots."""
+        f, self._inflight = self._inflight, None
+        if f is None:
+            return
+        tokens = np.asarray(f.tokens)
+        accepted = np.zeros(self.max_batch, bool) if f.accepted is None else np.asarray(f.accepted)
+        for slot, req in enumerate(f.requests):
+            if req is None or self._slots[slot] is not req:
+                continue  # finished, cancelled or replaced since: its token is dropped
+            if self.speculative:
+                self._stats["drafted"] += 1
+                self._stats["accepted"] += int(accepted[slot])
             n = 1 + int(accepted[slot])
             self._last[slot], self._pos[slot] = tokens[slot, n - 1], self._pos[slot] + n
             self._commit(slot, [int(t) for t in tokens[slot, :n]])
@@ -329,6 +390,7 @@ class Engine:
                         if self.speculative else None)
 
     def _fail_active(self, message: str) -> None:
+        self._inflight = None
         for i, req in enumerate(self._slots):
             if req is not None:
                 req._finish("error", message)
