@@ -261,6 +261,35 @@ def test_stop_tokens_and_strings(tiny, tiny_engine):
     assert tiny_engine.generate([PROMPTS[1]], 30, stop=[f"<{r[i]}>", unused])[0] == r[:i + 1]
 
 
+def test_chained_steps_drop_tokens_past_a_stop(tiny, tiny_engine):
+    """Decode steps chain on the device while the slots keep their requests: a request stopping
+    mid-batch gets nothing past its stop token (the step already in flight is dropped for it),
+    the others go on unchanged, and a queued request takes the freed slot."""
+    _, ref, _ = tiny
+    r = ref[1]
+    i = next(i for i in range(3, 20) if r[i] not in r[:i])
+    e = tiny_engine
+    puts = []
+    e._put = lambda host, put=e._put: puts.append(1) or put(host)
+    try:
+        steps0 = e.stats()["decode_steps"]
+        reqs = [e.submit(PROMPTS[1], SamplingParams(max_new_tokens=30, stop_token_ids=(r[i],))),
+                e.submit(PROMPTS[0], SamplingParams(max_new_tokens=40)),
+                e.submit(PROMPTS[2], SamplingParams(max_new_tokens=20)),
+                e.submit(PROMPTS[2], SamplingParams(max_new_tokens=25)),
+                e.submit(PROMPTS[1], SamplingParams(max_new_tokens=12))]  # waits for a free slot
+        out = [q.result() for q in reqs]
+    finally:
+        del e._put
+    assert out == [r[:i + 1], ref[0][:40], ref[2][:20], ref[2][:25], r[:12]]
+    assert reqs[0].finish_reason == "stop"
+    steps = e.stats()["decode_steps"] - steps0
+    assert 39 <= steps <= 41
+    # per-slot inputs go to the device only when the slots change (3 arrays, 4 more for the
+    # sampling parameters after an admission), not every step (3 x 40)
+    assert len(puts) <= 30, len(puts)
+
+
 def test_sampling_statistics():
     """Frequencies of many seeded draws follow softmax(logits / T) after top-k / top-p."""
     logits = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
