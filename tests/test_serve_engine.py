@@ -364,6 +364,23 @@ def test_queue_full(tiny_engine):
     e.submit([3], SamplingParams(max_new_tokens=2))
 
 
+def test_cancelled_requests_leave_a_full_queue(tiny_engine):
+    """With every slot busy, cancelling a queued request finishes it at once and frees its
+    queue place (it used to wait, counted against max_queue, until a slot came free)."""
+    e = Engine(tiny_engine_model(tiny_engine), max_seq_len=64, max_batch=2, max_queue=2,
+               speculative=False)
+    running = [e.submit([1, 2], SamplingParams(max_new_tokens=30)) for _ in range(2)]
+    e.step()  # both admitted: the slots are full
+    waiting = [e.submit([3], SamplingParams(max_new_tokens=2)) for _ in range(2)]
+    waiting[0].cancel()
+    assert waiting[0].finish_reason == "cancelled" and waiting[0].result() == []
+    assert e.stats()["queued"] == 1
+    late = e.submit([4], SamplingParams(max_new_tokens=2))  # the freed place
+    running[0].cancel()  # a running request: its slot is freed by the scheduler
+    assert late.result() and waiting[1].result()
+    assert running[0].finish_reason == "cancelled" and len(running[1].result()) == 30
+
+
 def test_fp8_checkpoint_serves():
     """precision='fp8' keeps an FP8 checkpoint's kv_b_proj as e4m3 blocks (a QuantizedWeight):
     the absorbed decode dequantizes it; the first tokens agree with the fp8 full forward."""

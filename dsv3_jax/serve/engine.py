@@ -253,6 +253,16 @@ class Engine:
             return True
         return bool(admitted)
 
+    def _dequeue(self, req: Request) -> None:
+        """Take a cancelled request out of the queue (if it is still waiting there) and finish
+        it, so it neither holds a queue place nor waits for a free slot to be told."""
+        with self._lock:
+            try:
+                self._queue.remove(req)
+            except ValueError:  # admitted already (its slot is freed by the scheduler) or done
+                return
+            req._finish("cancelled")
+
     def _admit(self) -> list[tuple[int, Request]]:
         free = [i for i, r in enumerate(self._slots) if r is None]
         out = []

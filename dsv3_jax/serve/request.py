@@ -54,8 +54,10 @@ class Request:
         return self.finish_reason is not None
 
     def cancel(self) -> None:
-        """Stop generating; the slot is freed at the next scheduler step ("cancelled")."""
+        """Stop generating ("cancelled"): a queued request leaves the queue at once, a running
+        one frees its slot at the next scheduler step."""
         self._cancelled = True
+        self._engine._dequeue(self)
 
     def stream(self, timeout: float | None = None) -> Iterator[list[int]]:
         """Yield lists of new token ids as they are produced; return when finished.
