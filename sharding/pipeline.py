@@ -23,8 +23,9 @@ Parameters (sharding/rules.py): a stack whose length P divides is split over the
 by layer ("layers" -> "pipeline"), so each stage holds exactly its layers and reads them in
 place. Everything else (embedding, head, MTP, the dense stack, a MoE stack P does not divide)
 is split over the pipeline axis along its "embed" dimension, FSDP-style: no stage holds a full
-copy, and each step gathers what it uses (a stage's layers of an unevenly split stack arrive
-by an all-to-all over the pipeline axis, their gradients leave by the transpose).
+copy, and each step gathers what it uses (a stage's layers of an unevenly split stack are
+resharded to it before the stages run, an all-to-all over the pipeline axis that keeps their
+expert and tensor splits; their gradients leave by the transpose).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
     if model.dense_layers is not None:
         x, _ = _run_layers(*_split(model.dense_layers), x, cos, sin, model.remat)
     gd, leaves, treedef = _split(model.moe_layers)
-    layouts = [_stored_split(var, mesh) for var in _variables(model.moe_layers)]
+    layouts = [_layer_split_spec(var, mesh) for var in _variables(model.moe_layers)]
     r = plan.moe_before
     aux_before = None
     if r:
@@ -180,33 +181,18 @@ def _variables(stack) -> list[nnx.Variable]:
     return jax.tree.leaves(nnx.state(stack), is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def _stored_split(var: nnx.Variable, mesh) -> int | None:
-    """The dimension of a stacked variable that its storage splits over the pipeline axis
-    (sharding/rules.py): 0 when the stage count divides the stack, else e.g. its "embed"
-    dimension (pipeline-major), or None when no dimension is."""
+def _layer_split_spec(var: nnx.Variable, mesh) -> P:
+    """Where a stacked variable's pipelined layers go: split by layer over the pipeline axis,
+    every other dimension as stored but without the pipeline axis (which the storage may use
+    for "embed" when the stage count does not divide the stack, sharding/rules.py)."""
     axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-    spec = logical_to_spec(axes, var.shape, mesh)
-    for dim, entry in enumerate(spec):
-        names = entry if isinstance(entry, tuple) else (entry,)
-        if AXIS in names:
-            if names[0] != AXIS:
-                raise PipelineError(f"rules split dimension {dim} of {axes} over {names}: the "
-                                    "pipeline axis must come first (sharding/rules.py)")
-            return dim
-    return None
-
-
-def _stage_layers(leaf, dim: int | None, n_stages: int):
-    """Inside a stage: its own layers of a stacked leaf, from its stored piece (see
-    `_stored_split`). Split by layer: already. Split along another dimension: an all-to-all
-    over the stages swaps that split for the layer split (its transpose swaps back, so the
-    gradients return to the storage layout). Not split: a local slice."""
-    if dim == 0:
-        return leaf
-    if dim is not None:
-        return jax.lax.all_to_all(leaf, AXIS, split_axis=0, concat_axis=dim, tiled=True)
-    q = leaf.shape[0] // n_stages
-    return jax.lax.dynamic_slice_in_dim(leaf, jax.lax.axis_index(AXIS) * q, q)
+    stored = logical_to_spec(axes, var.shape, mesh)
+    rest = []
+    for entry in tuple(stored)[1:] + (None,) * (len(var.shape) - len(stored)):
+        names = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,))
+                      if a is not None and a != AXIS)
+        rest.append(names if len(names) > 1 else (names[0] if names else None))
+    return P(AXIS, *rest)
 
 
 def _run_layers(graphdef, leaves, treedef, x, cos, sin, remat: bool, dispatcher=None):
@@ -238,7 +224,10 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
     """GPipe over the pipeline axis: [batch, seq, embed] through `plan.stages` stages.
 
     `leaves`: the pipelined layers' state ([stages x layers per stage, ...] each), `layouts`:
-    the dimension of each that is stored split over the pipeline axis (`_stored_split`)."""
+    their layer-split specs (`_layer_split_spec`). A leaf stored otherwise (a stack the stage
+    count does not divide) is resharded to it here, outside the shard_map, so that XLA's
+    partitioner moves it (an all-to-all over the pipeline axis) and keeps its expert and tensor
+    splits; the transpose returns the gradients to the storage layout."""
     n_stages, m = plan.stages, plan.microbatches
     b = x.shape[0]
     mb = b // m
@@ -258,7 +247,6 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
 
     def stage_program(leaves, xs, cos, sin):
         stage = jax.lax.axis_index(AXIS)
-        leaves = [_stage_layers(v, dim, n_stages) for v, dim in zip(leaves, layouts)]
         dispatcher = _stage_dispatcher(graphdef, leaves, treedef)
 
         def tick(carry, t):
@@ -291,8 +279,8 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
     # rejects ("axis already bound by a parent manual_computation", jax 0.12). Without it,
     # cotangents of the stage-replicated inputs (xs, cos, sin) are summed over the stages and
     # those of the replicated output divided by them (jax's convention, which keeps psum exact).
-    leaf_specs = [P() if dim is None else P(*(None,) * dim, AXIS) for dim in layouts]
-    fn = jax.shard_map(stage_program, in_specs=(leaf_specs, P(), P(), P()),
+    leaves = [jax.lax.with_sharding_constraint(v, spec) for v, spec in zip(leaves, layouts)]
+    fn = jax.shard_map(stage_program, in_specs=([P(AXIS)] * len(leaves), P(), P(), P()),
                        out_specs=(P(None, None, AXIS) if scatter else P(), specs_aux),
                        axis_names={AXIS}, check_vma=False)
     with use_rules(rules):

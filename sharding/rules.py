@@ -27,8 +27,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "layers": ("pipeline",),          # each pipeline stage holds its layers (sharding/pipeline.py)
     "vocab": ("tensor",),
     # FSDP; the expert axis doubles as FSDP for dense weights, and the pipeline axis for what
-    # is not split by layer (embedding, head, MTP, a stack whose length it does not divide;
-    # pipeline first: a stage's part is one contiguous block, see sharding/pipeline.py)
+    # is not split by layer (embedding, head, MTP, a stack whose length it does not divide,
+    # which sharding/pipeline.py reshards to its stages each step)
     "embed": ("pipeline", "fsdp", "expert"),
     "embed_concat": ("pipeline", "fsdp", "expert"),
     "heads": ("tensor",),
