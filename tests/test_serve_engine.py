@@ -290,6 +290,25 @@ def test_chained_steps_drop_tokens_past_a_stop(tiny, tiny_engine):
     assert len(puts) <= 30, len(puts)
 
 
+def test_stop_strings_decode_a_bounded_tail(tiny, tiny_engine):
+    """Stop strings are checked on a bounded tail of the ids per token (the whole output used
+    to be detokenized again for every token), with the same result."""
+    _, ref, _ = tiny
+    e, plain = tiny_engine, tiny_engine.detokenize
+    lengths = []
+    e.detokenize = lambda ids: lengths.append(len(ids)) or plain(ids)
+    try:
+        out = e.generate([PROMPTS[0]], 60, stop=["never"])[0]
+        stop = f"<{ref[0][40]}><{ref[0][41]}>"  # spans two tokens, late in the output
+        at = e.generate([PROMPTS[0]], 60, stop=[stop])[0]
+    finally:
+        e.detokenize = plain
+    assert out == ref[0][:60]
+    first = next(i for i in range(2, 61) if stop in plain(ref[0][:i]))
+    assert at == ref[0][:first]
+    assert max(lengths) <= 8, max(lengths)
+
+
 def test_sampling_statistics():
     """Frequencies of many seeded draws follow softmax(logits / T) after top-k / top-p."""
     logits = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])

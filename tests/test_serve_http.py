@@ -340,9 +340,21 @@ def test_text_stream_holds_back_split_characters_and_stop_prefixes(ckpt):
     ids = tok.encode("naïve café → done").ids
     full = tok.decode(ids)
     assert any(tok.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))  # split characters
-    text = TextStream(tok.decode, hidden_ids=[EOS])
+    lengths = []
+
+    def decode(ids):
+        lengths.append(len(ids))
+        return tok.decode(ids)
+
+    text = TextStream(decode, hidden_ids=[EOS])
     pieces = [text.push([t]) for t in ids + [EOS]] + [text.finish()]
     assert "".join(pieces) == full and not any("\ufffd" in p for p in pieces)
+    assert max(lengths) <= 8 < len(ids)  # a bounded tail decoded per push, not the whole text
+    # the incremental pieces of a long random output are its full decode
+    from dsv3_jax.serve.detokenize import IncrementalText
+    rand = np.random.default_rng(0).integers(0, tok.get_vocab_size(), 300).tolist()
+    inc = IncrementalText(tok.decode)
+    assert "".join([inc.push([t]) for t in rand] + [inc.finish()]) == tok.decode(rand)
     for stop in ["café", "é →", "done", "e", "not there"]:
         text = TextStream(tok.decode, [stop, "zzz"])
         pieces = [text.push([t]) for t in ids] + [text.finish()]

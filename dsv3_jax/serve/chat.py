@@ -16,6 +16,8 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
+from dsv3_jax.serve.detokenize import IncrementalText
+
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -107,44 +109,43 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class TextStream:
-    """Generated ids in, sendable text out: `push(ids) -> str`, then `finish() -> str`."""
+    """Generated ids in, sendable text out: `push(ids) -> str`, then `finish() -> str`.
+
+    Decodes incrementally (dsv3_jax/serve/detokenize.py): per push only a bounded tail of the
+    ids, and stop strings are searched in the unsent text plus the last sent characters."""
 
     def __init__(self, decode: Callable[[list[int]], str] | None, stop: Sequence[str] = (),
                  hidden_ids: Sequence[int] = ()):
-        self.decode = decode
+        self.text = None if decode is None else IncrementalText(decode)
         self.stop = tuple(stop)
         self.hidden = frozenset(hidden_ids)   # ids never shown as text (EOS)
-        self.ids: list[int] = []
-        self.sent = 0          # characters of the decoded text already returned
+        self.span = max(map(len, self.stop), default=1) - 1  # sent characters a stop can reach back
+        self.unsent = ""       # decoded text held back (a possible start of a stop string)
+        self.sent_tail = ""    # the last `span` characters already returned
         self.stopped = False   # a stop string was found: no more text
-
-    def _text(self) -> str:
-        if self.decode is None:
-            return ""
-        return self.decode([t for t in self.ids if t not in self.hidden])
 
     def push(self, ids: Sequence[int]) -> str:
         """Text that became final with these ids ('' while held back or after a stop string)."""
-        if self.stopped:
+        if self.stopped or self.text is None:
             return ""
-        self.ids.extend(int(t) for t in ids)
-        text = self._text()
-        cut = min((i for i in (text.find(s, max(self.sent - len(s) + 1, 0)) for s in self.stop)
-                   if i >= 0), default=-1)
+        text = self.unsent + self.text.push([int(t) for t in ids if int(t) not in self.hidden])
+        search = self.sent_tail + text
+        cut = min((i for i in (search.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
-            end = max(cut, self.sent)
+            end = max(cut - len(self.sent_tail), 0)
         else:
-            end = len(text) - _held_back(text[self.sent:], self.stop)
-        new, self.sent = text[self.sent:end], max(end, self.sent)
+            end = len(text) - _held_back(text, self.stop)
+        new, self.unsent = text[:end], text[end:]
+        if self.span:
+            self.sent_tail = (self.sent_tail + new)[-self.span:]
         return new
 
     def finish(self) -> str:
         """The rest of the text once generation ended (held-back text is final now)."""
-        if self.stopped:
+        if self.stopped or self.text is None:
             return ""
-        text = self._text()
-        new, self.sent = text[self.sent:], len(text)
+        new, self.unsent = self.unsent + self.text.finish(), ""
         return new
 
 

@@ -7,6 +7,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from dsv3_jax.serve.detokenize import IncrementalText
+
 if TYPE_CHECKING:
     from dsv3_jax.serve.engine import Engine
 
@@ -47,6 +49,8 @@ class Request:
         self._engine = engine
         self._cancelled = False
         self._cond = threading.Condition()
+        self._text: IncrementalText | None = None  # for stop strings
+        self._tail = ""  # the last characters of the text, as many as a stop string can span
 
     @property
     def done(self) -> bool:
@@ -105,7 +109,7 @@ class Request:
                 kept += 1
                 if t in p.stop_token_ids:
                     reason = "stop"
-                elif p.stop and any(s in detokenize(self.tokens) for s in p.stop):
+                elif p.stop and self._stop_string_ends(t, detokenize):
                     reason = "stop"
                 elif len(self.tokens) >= p.max_new_tokens:
                     reason = "length"
@@ -115,6 +119,19 @@ class Request:
                 self.first_token_at = time.perf_counter()
             self._cond.notify_all()
         return reason, kept
+
+    def _stop_string_ends(self, token: int, detokenize) -> bool:
+        """Whether the text `token` adds completes a stop string. Decodes a bounded tail of the
+        ids (dsv3_jax/serve/detokenize.py) and searches the last characters a stop string can
+        span, so each token costs the same however long the output is."""
+        if self._text is None:
+            self._text = IncrementalText(detokenize)
+        piece = self._text.push([token])
+        if not piece:
+            return False
+        text = self._tail + piece
+        self._tail = text[max(0, len(text) - max(map(len, self.params.stop)) + 1):]
+        return any(s in text for s in self.params.stop)
 
     def _finish(self, reason: str, error: str | None = None) -> None:
         with self._cond:
