@@ -415,3 +415,21 @@ def test_load_for_serving_run_folder_and_bad_paths(ckpt, tmp_path):
         assert str(path) in str(e.value)
     with pytest.raises(LoadError, match="precision 'fp16'"):
         load_for_serving(ckpt.tiny, dtype="fp16")
+
+
+def test_request_parameters_parse_without_an_engine():
+    """Request-body validation is its own module (serve/api_params.py): no engine, no server."""
+    from dsv3_jax.serve.api_params import APIError, RequestParser
+
+    p = RequestParser(max_seq_len=32, eos_ids=(EOS,))
+    job = p.parse({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.5, "top_k": -1,
+                   "stop_token_ids": [9], "seed": 3}, chat=False)
+    assert job.prompt == [5, 6, 7] and job.params.max_new_tokens == 4
+    assert job.params.top_k is None and job.params.stop_token_ids == (EOS, 9) and job.params.seed == 3
+    assert p.parse({"prompt": [5]}, chat=False).params.max_new_tokens == 31  # the room left
+    for body, param in [({"prompt": "text"}, "prompt"), ({"prompt": [1], "max_tokens": 40}, "max_tokens"),
+                        ({"prompt": [1], "top_p": 0}, "top_p"), ({"prompt": [1], "logprobs": 3}, "logprobs"),
+                        ({"prompt": [1], "bogus": 1}, "bogus"), ({"messages": []}, "messages")]:
+        with pytest.raises(APIError) as e:
+            p.parse(body, chat="messages" in body)
+        assert e.value.status == 400 and e.value.param == param, (body, e.value.body())
