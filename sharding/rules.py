@@ -33,8 +33,10 @@ RULES: dict[str, tuple[str, ...]] = {
     "embed_concat": ("pipeline", "fsdp", "expert"),
     "heads": ("tensor",),
     "head_dim": (),
-    "q_lora": (),
-    "kv_lora": (),
+    # FSDP too: q_b_proj / kv_b_proj have no "embed" dimension, and without a tensor axis they
+    # were held whole by every device (671B: 6.4 GB per 29-layer stage in fp32, SCALE.md)
+    "q_lora": ("pipeline", "fsdp", "expert"),
+    "kv_lora": ("pipeline", "fsdp", "expert"),
     "mlp": ("tensor",),
     "experts": ("expert",),
     "expert_mlp": ("tensor",),

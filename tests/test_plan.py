@@ -55,7 +55,7 @@ def test_cli_verdict_and_mesh_search(capsys):
     assert plan.main(args + ["--accumulate", "4", "--devices", "256", "--device", "h100-80g"]) == 0
     out = capsys.readouterr().out
     assert "fit; best first" in out
-    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  pipeline=")]
+    listed = [line.split()[0] for line in out.splitlines() if line.endswith("GB per device")]
     assert listed
     for spec in listed:  # every proposal fits by the planner's own numbers
         setup = plan.make_setup(V3, spec, batch=256, seq=4096, capacity_factor=1.25, accumulate=4)

@@ -92,6 +92,10 @@ def test_bad_inputs(corpus, config, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(TrainingError, match="not writable"):
         _run(corpus, blocker / "out", config)
+    with pytest.raises(TrainingError, match="--moments-dtype 'fp16': use one of fp32, bf16"):
+        _run(corpus, tmp_path / "m", config, moments_dtype="fp16")
+    with pytest.raises(TrainingError, match="--capacity-factor 1.25: .* expert-parallel dispatch"):
+        _run(corpus, tmp_path / "c", config, capacity_factor=1.25)
 
 
 @pytest.fixture(scope="module")

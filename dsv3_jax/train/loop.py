@@ -34,6 +34,7 @@ from dsv3_jax.train.optimizer import make_optimizer
 from dsv3_jax.train.plot import write_plot
 from dsv3_jax.train.step import train_step
 
+MOMENTS_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 
 
@@ -63,6 +64,8 @@ class RunConfig:
     accumulate: int = 1                # split each step's batch into this many micro-batches
     microbatches: int = 0              # pipeline micro-batches per micro-batch (0: one per stage)
     remat: bool = False
+    capacity_factor: float = 0.0       # expert-parallel dispatch capacity per expert (0: dropless)
+    moments_dtype: str = "fp32"        # AdamW first moment: fp32 or bf16 (second moment stays fp32)
 
 
 class TrainingError(RuntimeError):
@@ -160,7 +163,14 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     tokens = data.encode_corpus(files, tokenizer, eos_id=data.EOS_ID)
     batcher = data.TokenBatcher(tokens, run.batch_size, run.seq_len, seed=run.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count())
-    model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh)
+    if run.moments_dtype not in MOMENTS_DTYPES:
+        raise TrainingError(f"--moments-dtype {run.moments_dtype!r}: use one of "
+                            f"{', '.join(MOMENTS_DTYPES)}")
+    if run.capacity_factor < 0 or (run.capacity_factor and mesh is None):
+        raise TrainingError(f"--capacity-factor {run.capacity_factor}: must be > 0 and applies "
+                            "to expert-parallel dispatch (--mesh with an expert axis); 0 is dropless")
+    model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh,
+                       capacity_factor=run.capacity_factor or None)
     if run.init_from_hf:
         hf_cfg = ModelConfig.from_json(run.init_from_hf)
         if hf_cfg.replace(quantization_config=None) != cfg.replace(quantization_config=None):
@@ -171,7 +181,8 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         nnx.update(model, nnx.state(loaded))
         log(f"initialised from {run.init_from_hf}")
     optimizer = nnx.Optimizer(model, make_optimizer(
-        model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps), wrt=nnx.Param)
+        model, lr=run.lr, warmup_steps=run.warmup_steps, total_steps=run.steps,
+        moments_dtype=MOMENTS_DTYPES[run.moments_dtype]), wrt=nnx.Param)
     if mesh is not None:
         replicate_unplaced(optimizer, mesh)
     ckpt = Checkpointer(out / "checkpoints", keep=run.keep)
