@@ -49,7 +49,7 @@ class _InFlight:
     """A dispatched decode step whose tokens the host has not read yet."""
 
     requests: tuple             # each slot's request when it was dispatched (None: idle slot)
-    tokens: jax.Array           # [slots, 1], or [slots, 2] speculative
+    tokens: jax.Array           # [slots], or [slots, 2] speculative
     accepted: jax.Array | None  # [slots] bool, speculative: whether the second token counts
     last: jax.Array             # the next step's inputs, on the device
     pos: jax.Array
@@ -358,7 +358,7 @@ class Engine:
         else:
             tokens, _, self._cache, pos = self._call(self._decode_fn, self._weights, self._cache,
                                                      last, pos, active, sp, window=window)
-            last, tokens, accepted, advance = tokens, tokens[:, None], None, 1
+            last, accepted, advance = tokens, None, 1  # tokens [slots]: no device op to reshape
         self._stats["decode_steps"] += 1
         self._drain()  # read the previous step while this one runs
         self._inflight = _InFlight(reqs, tokens, accepted, last, pos, active, advance)
@@ -368,7 +368,7 @@ class Engine:
         f, self._inflight = self._inflight, None
         if f is None:
             return
-        tokens = np.asarray(f.tokens)
+        tokens = np.asarray(f.tokens).reshape(self.max_batch, -1)
         accepted = np.zeros(self.max_batch, bool) if f.accepted is None else np.asarray(f.accepted)
         for slot, req in enumerate(f.requests):
             if req is None or self._slots[slot] is not req:
