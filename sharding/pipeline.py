@@ -253,7 +253,7 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
             i = t - stage                     # the micro-batch this stage works on
             valid = (i >= 0) & (i < m)
             i = jnp.clip(i, 0, m - 1)
-            h = jnp.where(stage == 0, xs[i], carry)
+            h = jnp.where(stage == 0, xs[i].astype(carry.dtype), carry)
             y, aux = _run_layers(graphdef, leaves, treedef, h, cos[i], sin[i], remat, dispatcher)
             aux = {"expert_counts": jnp.where(valid, aux["expert_counts"], 0),
                    "balance": jnp.where(valid, aux["balance"], 0.0),
@@ -261,13 +261,14 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
             nxt = jax.lax.ppermute(y, AXIS, [(j, j + 1) for j in range(n_stages - 1)])
             return nxt, (y, aux)
 
-        init = jnp.zeros_like(xs[0])
+        init = jnp.zeros(xs.shape[1:], x.dtype)
         _, (ys, aux) = jax.lax.scan(tick, init, jnp.arange(m + n_stages - 1))
         aux = {"expert_counts": aux["expert_counts"].sum(0), "dropped": aux["dropped"].sum(0),
                "balance": aux["balance"].sum(0) / m}  # balance: mean over sequences
         # the last stage's ys from tick P - 1 on are the outputs; hand every stage its rows
         # (a reduce-scatter) or, when the rows do not split that finely, all rows (all-reduce)
-        ys = jnp.where(stage == n_stages - 1, ys[n_stages - 1:], 0)
+        # (in fp32 like xs, see below; one stage contributes, the others add zeros: exact)
+        ys = jnp.where(stage == n_stages - 1, ys[n_stages - 1:], 0).astype(jnp.float32)
         if scatter:
             ys = ys.reshape(m, inner, n_stages, mb // (inner * n_stages), *ys.shape[2:])
             return jax.lax.psum_scatter(ys, AXIS, scatter_dimension=2, tiled=True), aux
@@ -284,5 +285,9 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
                        out_specs=(P(None, None, AXIS) if scatter else P(), specs_aux),
                        axis_names={AXIS}, check_vma=False)
     with use_rules(rules):
-        ys, aux = fn(leaves, micro(x), micro(cos), micro(sin))
-    return constrain(unmicro(ys.reshape(m, mb, *ys.shape[-2:])), ACT), aux
+        # xs and ys cross the stages in fp32: XLA:CPU aborts on a bf16 all-reduce here ("Invalid
+        # binary instruction opcode copy" in its all-reduce-promotion pass): the outputs' psum
+        # and the transposes that sum xs's cotangent over the stages (check_vma=False, above).
+        # Stage 0 casts xs back and the outputs are cast back: the forward is unchanged.
+        ys, aux = fn(leaves, micro(x).astype(jnp.float32), micro(cos), micro(sin))
+    return constrain(unmicro(ys.reshape(m, mb, *ys.shape[-2:])).astype(x.dtype), ACT), aux
