@@ -85,11 +85,13 @@ class MLA(nnx.Module):
         f32 = jnp.float32
         scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
                   + jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=f32))
-        scores = scores * self.softmax_scale
+        # the mask is added as a [1, 1, seq, seq] bias, not selected with jnp.where: where's
+        # gradient needs the mask broadcast to the scores' full [batch, heads, seq, seq] shape,
+        # which jax hoists out of the layer scan and keeps for the backward pass (with a full
+        # fp32 copy of the fill value: 10 GB per device for V3 at 4096 tokens, SCALE.md)
         if mask is None:
-            seq = x.shape[1]
-            mask = causal_mask(seq)[None, None]
-        scores = jnp.where(mask, scores, jnp.finfo(f32).min)
+            mask = causal_mask(x.shape[1])[None, None]
+        scores = scores * self.softmax_scale + jnp.where(mask, 0.0, jnp.finfo(f32).min).astype(f32)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=f32).astype(self.dtype)
         return project(o, self.o_proj[...], 2, self.precision)
