@@ -30,7 +30,7 @@ from flax import nnx
 
 from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import steps
-from dsv3_jax.serve.request import QueueFull, Request, RequestError, SamplingParams
+from dsv3_jax.serve.request import QueueFull, Request, RequestError, SamplingParams, validate
 from dsv3_jax.serve.sampling import SamplingArrays
 from sharding.rules import batch_axes
 
@@ -110,7 +110,9 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
         """Queue a request (thread-safe); raises RequestError for bad input, QueueFull."""
         params = params or SamplingParams()
-        prompt = self._validate(prompt, params)
+        prompt = validate(prompt, params, vocab_size=self.cfg.vocab_size,
+                          max_len=min(self.max_seq_len, self.cfg.max_position_embeddings),
+                          detokenizer=self.detokenize is not None)
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
@@ -184,44 +186,6 @@ class Engine:
                    speculative=self.speculative,
                    active=sum(r is not None for r in self._slots), queued=len(self._queue))
         return out
-
-    # -- validation --------------------------------------------------------------------------
-
-    def _validate(self, prompt, params: SamplingParams) -> list[int]:
-        V = self.cfg.vocab_size
-        try:
-            prompt = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise RequestError("prompt must be a list of integer token ids") from None
-        if not prompt:
-            raise RequestError("empty prompt: give at least one token id")
-        bad = [t for t in prompt if not 0 <= t < V]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
-        p = params
-        if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an integer >= 1, got {p.max_new_tokens!r}")
-        limit = min(self.max_seq_len, self.cfg.max_position_embeddings)
-        if len(prompt) + p.max_new_tokens > limit:
-            raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) "
-                               f"= {len(prompt) + p.max_new_tokens} exceeds the engine's max_seq_len "
-                               f"of {limit}")
-        if not p.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {p.temperature}")
-        if p.top_p is not None and not 0 < p.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {p.top_p}")
-        if p.top_k is not None and (not isinstance(p.top_k, int) or p.top_k < 1):
-            raise RequestError(f"top_k must be an integer >= 1, got {p.top_k!r}")
-        if not isinstance(p.seed, int):
-            raise RequestError(f"seed must be an integer, got {p.seed!r}")
-        bad = [t for t in p.stop_token_ids if not (isinstance(t, int) and 0 <= t < V)]
-        if bad:
-            raise RequestError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {V})")
-        if p.stop and self.detokenize is None:
-            raise RequestError("stop strings need a detokenizer: Engine(..., detokenize=fn)")
-        if any(not isinstance(s, str) or not s for s in p.stop):
-            raise RequestError(f"stop strings must be non-empty strings, got {p.stop!r}")
-        return prompt
 
     # -- scheduler ---------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""A generation request as the engine and its callers see it: parameters, tokens, completion."""
+"""A generation request as the engine and its callers see it: parameters and their checks,
+tokens, completion."""
 
 from __future__ import annotations
 
@@ -32,6 +33,45 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; need Engine(detokenize=...)
+
+
+def validate(prompt, params: SamplingParams, *, vocab_size: int, max_len: int,
+             detokenizer: bool) -> list[int]:
+    """The prompt as a list of ids, or RequestError naming what is wrong with it or `params`
+    (`max_len`: the most positions prompt + new tokens may take)."""
+    V = vocab_size
+    try:
+        prompt = [int(t) for t in prompt]
+    except (TypeError, ValueError):
+        raise RequestError("prompt must be a list of integer token ids") from None
+    if not prompt:
+        raise RequestError("empty prompt: give at least one token id")
+    bad = [t for t in prompt if not 0 <= t < V]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
+    p = params
+    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens must be an integer >= 1, got {p.max_new_tokens!r}")
+    if len(prompt) + p.max_new_tokens > max_len:
+        raise RequestError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) "
+                           f"= {len(prompt) + p.max_new_tokens} exceeds the engine's max_seq_len "
+                           f"of {max_len}")
+    if not p.temperature >= 0:
+        raise RequestError(f"temperature must be >= 0, got {p.temperature}")
+    if p.top_p is not None and not 0 < p.top_p <= 1:
+        raise RequestError(f"top_p must be in (0, 1], got {p.top_p}")
+    if p.top_k is not None and (not isinstance(p.top_k, int) or p.top_k < 1):
+        raise RequestError(f"top_k must be an integer >= 1, got {p.top_k!r}")
+    if not isinstance(p.seed, int):
+        raise RequestError(f"seed must be an integer, got {p.seed!r}")
+    bad = [t for t in p.stop_token_ids if not (isinstance(t, int) and 0 <= t < V)]
+    if bad:
+        raise RequestError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {V})")
+    if p.stop and not detokenizer:
+        raise RequestError("stop strings need a detokenizer: Engine(..., detokenize=fn)")
+    if any(not isinstance(s, str) or not s for s in p.stop):
+        raise RequestError(f"stop strings must be non-empty strings, got {p.stop!r}")
+    return prompt
 
 
 class Request:
