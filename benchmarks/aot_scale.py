@@ -3,16 +3,21 @@
 
     python benchmarks/aot_scale.py                 # every case below, rewrites SCALE.md's table
     python benchmarks/aot_scale.py --only v2lite   # cases whose name contains "v2lite"
+    python benchmarks/aot_scale.py --replan        # no compiles: the saved compiler results
+                                                   # against the current planner
+
 
 Each case runs `python -m dsv3_jax.aot` in a fresh process with the mesh's number of fake CPU
 devices and an address-space limit far below the model's size (--max-memory-gb), so nothing
 can be materialised. The table between the markers in SCALE.md is replaced; the text around it
-is written by hand.
+is written by hand. The compiler's results are saved in benchmarks/aot_scale.json (one entry
+per case, replaced when the case runs again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import device_line  # noqa: E402
-from dsv3_jax import aot, plan  # noqa: E402
+from dsv3_jax import aot, plan, plan_cli  # noqa: E402
 
 V2 = "configs/deepseek-v2-lite.json"
 V3 = "configs/deepseek-v3-671b.json"
@@ -30,6 +35,8 @@ V3 = "configs/deepseek-v3-671b.json"
 CASES = [
     ("v2lite-train-64", [V2, "pipeline=2,expert=32", "--batch", "64", "--seq", "256",
                          "--precision", "fp32"], 10),
+    ("v2lite-train-64-p4", [V2, "pipeline=4,expert=16", "--batch", "64", "--seq", "256",
+                            "--precision", "fp32"], 10),
     ("v3-train-256-p2-cf", [V3, "pipeline=2,expert=128", "--batch", "256", "--seq", "4096",
                             "--precision", "fp32", "--capacity-factor", "1.25"], 16),
     ("v3-train-256-p8-cf", [V3, "pipeline=8,expert=32", "--batch", "256", "--seq", "4096",
@@ -40,6 +47,7 @@ CASES = [
     ("v3-decode-32", [V3, "expert=32", "--batch", "128", "--seq", "4096", "--serve"], 16),
 ]
 BEGIN, END = "<!-- aot_scale:begin -->", "<!-- aot_scale:end -->"
+RESULTS = ROOT / "benchmarks" / "aot_scale.json"
 
 
 def run_case(args: list[str], limit_gb: float) -> dict:
@@ -52,9 +60,9 @@ def planner(args: list[str]) -> plan.Estimate:
     """The planner's estimate for a case, computed here (with the current formulas)."""
     import argparse
     ap = argparse.ArgumentParser()
-    plan.add_setup_args(ap)
+    plan_cli.add_setup_args(ap)
     config, mesh, *rest = args
-    return plan.estimate(plan.setup_from_args(ap.parse_args(["--config", config, "--mesh", mesh,
+    return plan.estimate(plan_cli.setup_from_args(ap.parse_args(["--config", config, "--mesh", mesh,
                                                              *rest])))
 
 
@@ -72,22 +80,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     ap.add_argument("--no-write", action="store_true", help="print only, leave SCALE.md")
+    ap.add_argument("--replan", action="store_true",
+                    help="compile nothing: the saved results against the current planner")
     args = ap.parse_args()
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     lines = ["| case | step | mesh | lower + compile s | compiler GB/device (args + temp = total) "
              "| planner GB/device | planner / compiler | 80 GB / 141 GB (compiler) | host RSS GiB |",
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for name, case_args, limit in CASES:
-        if args.only not in name:
-            continue
         t0 = time.perf_counter()
-        try:
-            r = run_case(case_args, limit)
-        except RuntimeError as e:
-            print(f"{name}: FAILED\n{e}", file=sys.stderr)
-            lines.append(f"| {name} | failed: {str(e).splitlines()[-1][:80]} |")
-            continue
-        lines.append(row(name, r, planner(case_args)))
-        print(lines[-1], f"({time.perf_counter() - t0:.0f} s; {r['setup']})", flush=True)
+        if args.only in name and not args.replan:
+            try:
+                r = run_case(case_args, limit)
+            except RuntimeError as e:
+                print(f"{name}: FAILED\n{e}", file=sys.stderr)
+                lines.append(f"| {name} | failed: {str(e).splitlines()[-1][:80]} |")
+                continue
+            r["measured"] = f"{time.strftime('%Y-%m-%d')} on {device_line()}"
+            saved[name] = {k: v for k, v in r.items() if k != "planner"}
+            RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
+            print(f"{name}: {time.perf_counter() - t0:.0f} s; {r['setup']}", flush=True)
+        if name in saved:  # every case with a result, run now or before
+            lines.append(row(name, saved[name], planner(case_args)))
     table = "\n".join(lines)
     print(table)
     if args.no_write:
@@ -96,7 +110,8 @@ def main() -> int:
     text = path.read_text()
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    stamp = f"Measured {time.strftime('%Y-%m-%d')} on {device_line()}.\n\n"
+    when = sorted({saved[n]["measured"] for n, _, _ in CASES if n in saved})
+    stamp = f"Measured {'; '.join(when)}.\n\n"
     path.write_text(f"{head}{BEGIN}\n{stamp}{table}\n{END}{tail}")
     return 0
 

@@ -207,17 +207,17 @@ def run_subprocess(args: list[str], *, timeout: float = 1800) -> dict:
 
 
 def main(argv=None) -> int:
-    from dsv3_jax import plan
+    from dsv3_jax import plan, plan_cli
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    plan.add_setup_args(ap)
+    plan_cli.add_setup_args(ap)
     ap.add_argument("--max-memory-gb", type=float, default=None,
                     help="cap this process's address space (RLIMIT_AS) and fail if peak RSS "
                          "exceeds it: proof that no parameter is materialised")
     ap.add_argument("--json", default=None, help="write the result as JSON to this file ('-': stdout)")
     ap.add_argument("--dump", default=None, help="XLA dump folder (buffer assignment, HLO)")
     args = ap.parse_args(argv)
-    setup = plan.setup_from_args(args)
+    setup = plan_cli.setup_from_args(args)
     flags = cpu_flags(setup.devices)
     if args.dump:
         flags += f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_"
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-        print(plan.comparison_table([(setup, result, estimate)]))
+        print(plan_cli.comparison_table([(setup, result, estimate)]))
     return 0
 
 

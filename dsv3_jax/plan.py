@@ -22,8 +22,9 @@ State (exact): for every variable of the abstract model (`abstract_model`, shape
 Activations of one step (training; `--remat` keeps only each layer's input, the default):
 - tok = (batch / accumulate) * S / (Dd Fs X P) tokens per device outside the pipeline stages,
   tok_mb = (batch / accumulate / M) * S / (Dd Fs X) per pipeline micro-batch inside a stage;
-- checkpoints: D * c * (layers before the pipeline * tok + (M + P - 1) ticks * layers per stage
-  * tok_mb), i.e. every layer input of every tick the GPipe scan keeps for its backward pass;
+- checkpoints: D * c * (layers before the pipeline * tok + (M + P - 1) ticks * (layers per
+  stage + 1) * tok_mb), i.e. every layer input of every tick the GPipe scan keeps for its
+  backward pass, and the tick loop's stacked outputs (one [tok_mb, D] per tick);
 - one layer's working set at its backward (the largest of the forward it recomputes):
   attention scores and probabilities 3 * (tok_mb / S) * (H / T) * S^2 * 4 bytes, and the
   expert-parallel dispatch: R = X * cap rows per device, cap = tok_mb * min(k, E / X)
@@ -31,13 +32,24 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
   of D values (send, receive, grouped, returned, and their gradients) and FFN_BUFFERS of
   F / T values (gate, up, their product and gradients), in c bytes;
 - vocabulary: the head and embedding are FSDP-split along D and gathered whole for the
-  step: VOCAB_COPIES * V / T * D * p (gathered head, its full gradient and the embedding's
-  scatter-added gradient before their reduce-scatters);
+  step: VOCAB_COPIES * V / T * D * p. At the step's peak (inside the layers' backward
+  pass) XLA still holds the head it gathered for the forward pass (the `all-gather` of
+  lm_head); the head's and the embedding's full gradients are not live there (buffer live
+  ranges of the V2-Lite and 671B steps at their peaks, `python -m dsv3_jax.aot --dump`);
 - logits: tok * V / T * 4 bytes * 2 (fp32 logits and their gradient) per head (main + MTP);
-- gathered: the largest layer's weights as its matmuls use them, i.e. with their "embed"
-  dims gathered over the FSDP axes, less the stored shard, twice (the weights and their
-  full gradient before its reduce-scatter), in p bytes. Small when experts are split over
-  the expert axis; ~11 GB for a V3 layer whose 256 experts are FSDP-split instead.
+- gathered: the largest layer's weights as its matmuls use them, i.e. with their FSDP dims
+  ("embed", and "q_lora" / "kv_lora" of q_b_proj / kv_b_proj) gathered over the FSDP axes,
+  less the stored shard, twice (the weights and their full gradient before its
+  reduce-scatter), in p bytes. Small when experts are split over the expert axis; ~11 GB for
+  a V3 layer whose 256 experts are FSDP-split instead;
+- stage copies (P > 1): W = the stage's pipelined layers in the layout the stage uses
+  (`_layer_split_spec` in sharding/pipeline.py: split by layer over P, the other dims as
+  stored without P), in p bytes. The GPipe tick loop carries the stage's weights as loop
+  state, and XLA copies them into it (the parameter buffers are donated and updated in
+  place, so the loop does not read them where they lie): one W, seen as `copy` buffers of
+  the stage's weight shapes live through the forward and backward passes (`--dump`). A
+  stack the stage count does not divide (V3's 58 MoE layers on 8 stages) is stored
+  FSDP-split over P and resharded to its stages before the loop: a second W.
 
 Serving (the engine's decode step, bf16 by default):
 - params as above; the latent cache: layers * slots / (Dd Fs X) * context *
@@ -58,7 +70,6 @@ fragmentation); set XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 so JAX may use that much
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -75,7 +86,7 @@ GiB = 2**30
 HEADROOM = 0.08
 DISPATCH_BUFFERS = 6
 FFN_BUFFERS = 6
-VOCAB_COPIES = 3
+VOCAB_COPIES = 1
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -206,7 +217,8 @@ def shard_elements(axes, shape, sizes: dict[str, int]) -> int:
     return math.prod(shape) // split
 
 
-FSDP_AXES = ("embed", "embed_concat")  # dims split for storage only, gathered for compute
+# dims split for storage only, gathered for compute (sharding/rules.py maps them to FSDP axes)
+FSDP_AXES = ("embed", "embed_concat", "q_lora", "kv_lora")
 
 
 def gathered_layer_bytes(setup: Setup, dtype) -> int:
@@ -228,6 +240,23 @@ def gathered_layer_bytes(setup: Setup, dtype) -> int:
         layer = math.prod(shape[1:])
         per_stack[shape[0]] = per_stack.get(shape[0], 0) + layer // used - layer // stored
     return max(per_stack.values(), default=0) * itemsize
+
+
+def stage_layer_bytes(setup: Setup, dtype) -> int:
+    """W: bytes of one stage's pipelined MoE layers per device, in the stage's layout (split by
+    layer over the pipeline axis, every other dim as stored but without the pipeline axis)."""
+    from sharding.rules import logical_to_spec
+    sizes, cfg = setup.sizes, setup.config
+    per_stage = cfg.num_moe_layers // setup.stages
+    total = 0
+    for axes, shape, is_param, _ in _variables(cfg):
+        if not is_param or not axes or axes[0] != "layers" or shape[0] != cfg.num_moe_layers:
+            continue
+        spec = tuple(logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes)))[1:]
+        split = math.prod(sizes[a] for entry in spec for a in (
+            entry if isinstance(entry, tuple) else (entry,) if entry else ()) if a != "pipeline")
+        total += per_stage * math.prod(shape[1:]) // split
+    return total * jnp.dtype(dtype).itemsize
 
 
 def state_bytes(setup: Setup, dtype) -> tuple[int, int, int]:
@@ -304,7 +333,7 @@ def _train(setup: Setup) -> Estimate:
     if P > 1:
         per_stage = cfg.num_moe_layers // P
         before = cfg.num_dense_layers + cfg.num_moe_layers % P
-        held = before * tok + (M + P - 1) * per_stage * tok_mb
+        held = before * tok + (M + P - 1) * (per_stage + 1) * tok_mb
     else:
         held = cfg.num_hidden_layers * tok
     R = _dispatch_rows(setup, tok_mb)
@@ -318,13 +347,18 @@ def _train(setup: Setup) -> Estimate:
         parts["activations"] = int(held * D * c + layers * (attention + dispatch))
     parts["vocab"] = int(VOCAB_COPIES * V / T * D * p)
     parts["gathered"] = 2 * gathered_layer_bytes(setup, setup.param_jnp)
+    uneven = P > 1 and cfg.num_moe_layers % P != 0
+    if P > 1:
+        parts["stage_copies"] = (2 if uneven else 1) * stage_layer_bytes(setup, setup.param_jnp)
     heads = 1 + (cfg.num_nextn_predict_layers if setup.mtp else 0)
     parts["logits"] = int(tok * V / T * 4 * 2 * heads)
     notes = [f"dispatch: R = {R:,} rows per device per MoE layer "
              f"({'dropless' if setup.capacity_factor is None else f'capacity factor {setup.capacity_factor}'})"]
-    if P > 1 and cfg.num_moe_layers % P:
+    if uneven:
         notes.append(f"{cfg.num_moe_layers} MoE layers are not divisible by {P} stages: the "
-                     "stack is stored split along its embed dimension (sharding/pipeline.py)")
+                     f"stack is stored FSDP-split over the pipeline axis, its last "
+                     f"{P * (cfg.num_moe_layers // P)} layers resharded to their stages each "
+                     "step (sharding/pipeline.py; counted in stage_copies)")
     return Estimate(parts, flops_per_token(cfg, S), setup.batch * S, notes)
 
 
@@ -363,51 +397,8 @@ def _serve(setup: Setup) -> Estimate:
     return est
 
 
-# ------------------------------------------------------------------------------- mesh search
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def candidate_meshes(cfg: ModelConfig, devices: int, *, serve: bool) -> list[str]:
-    """Meshes over `devices` that the model's shapes allow (pipeline divides the MoE layers
-    when training; expert divides the experts; tensor divides the heads; the rest on fsdp)."""
-    out = []
-    for P in ([1] if serve else _divisors(devices)):
-        if P > 1 and cfg.num_moe_layers % P:
-            continue  # an uneven stack replicates expert weights (see SCALE.md)
-        for X in _divisors(devices // P):
-            if cfg.n_routed_experts % X:
-                continue
-            for T in (1, 2, 4, 8):
-                rest = devices // (P * X)
-                if rest % T or cfg.num_attention_heads % T:
-                    continue
-                F = rest // T
-                spec = f"pipeline={P},fsdp={F},expert={X},tensor={T}"
-                out.append(spec)
-    return out
-
-
-def search(config, devices: int, device: Device, **kw) -> list[tuple[Setup, Estimate]]:
-    """The meshes that fit, best first: smallest pipeline bubble, then smallest tensor axis
-    (tensor parallelism all-reduces activations in every layer), then most free memory."""
-    rows = []
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_json(config)
-    for spec in candidate_meshes(cfg, devices, serve=kw.get("serve", False)):
-        try:
-            setup = make_setup(config, spec, devices, **kw)
-            est = estimate(setup)
-            _check_batch(setup)
-        except (MeshError, ValueError):
-            continue
-        if est.fits(device):
-            rows.append((setup, est))
-    bubble = lambda st: (st.stages - 1) / (st.microbatches + st.stages - 1)  # noqa: E731
-    rows.sort(key=lambda r: (bubble(r[0]), r[0].sizes["tensor"], r[1].total))
-    return rows
-
-
-def _check_batch(setup: Setup) -> None:
+def check_batch(setup: Setup) -> None:
+    """Raise MeshError unless the batch splits over the mesh (and its micro-batches)."""
     s = setup.sizes
     inner = s["data"] * s["fsdp"] * s["expert"]
     micro = setup.batch // setup.accumulate
@@ -419,105 +410,6 @@ def _check_batch(setup: Setup) -> None:
                         f"({setup.microbatches} micro-batches of {inner} shards)")
 
 
-# ------------------------------------------------------------------------------- CLI
-def gb(n: float) -> str:
-    return f"{n / 1e9:,.2f} GB"
-
-
-def report(setup: Setup, est: Estimate, devices: list[Device]) -> str:
-    """The table and verdict for one layout."""
-    lines = [setup.describe(), f"{setup.devices} devices; per device:"]
-    width = max(len(k) for k in est.parts)
-    for k, v in est.parts.items():
-        lines.append(f"  {k:<{width}}  {gb(v):>12}")
-    lines.append(f"  {'total':<{width}}  {gb(est.total):>12}")
-    lines += [f"  note: {n}" for n in est.notes]
-    what = "generated token" if setup.serve else "token (fwd+bwd)"
-    lines.append(f"FLOPs per {what}: {est.flops_per_token:.3e}; per step: {est.flops_per_step:.3e}")
-    for dev in devices:
-        verdict = "FITS" if est.fits(dev) else "DOES NOT FIT"
-        lines.append(f"{dev.name} ({gb(dev.memory)}, {1 - HEADROOM:.0%} usable): {verdict}"
-                     + (f"; at most {est.capacity_slots[_key(dev)]:,} slots of {setup.seq} "
-                        "tokens" if setup.serve else
-                        f"; ideal step {est.flops_per_step / (setup.devices * dev.peak_flops):.2f} s"
-                        " at 100% MFU"))
-    return "\n".join(lines)
-
-
-def _key(dev: Device) -> str:
-    return next(k for k, v in DEVICES.items() if v is dev)
-
-
-def comparison_table(rows) -> str:
-    """Markdown rows: setup, compile time, compiler bytes, planner bytes, ratio."""
-    out = ["| step | mesh | compile s | compiler GB/device | planner GB/device | planner / compiler |",
-           "|---|---|---:|---:|---:|---:|"]
-    for setup, compiled, est in rows:
-        out.append(f"| {compiled.kind} | {setup.mesh_spec} | {compiled.compile_s:.0f} | "
-                   f"{compiled.total / 1e9:.2f} | {est.total / 1e9:.2f} | "
-                   f"{est.total / compiled.total:.3f} |")
-    return "\n".join(out)
-
-
-def add_setup_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", required=True, help="model config JSON (HF field names)")
-    ap.add_argument("--mesh", default="", help='e.g. "pipeline=8,expert=32" (absent axes: 1)')
-    ap.add_argument("--devices", type=int, default=None, help="device count (default: the mesh's)")
-    ap.add_argument("--batch", type=int, required=True, help="sequences per step / serving slots")
-    ap.add_argument("--seq", type=int, required=True, help="sequence length / serving context")
-    ap.add_argument("--serve", action="store_true", help="plan the decode step, not training")
-    ap.add_argument("--accumulate", type=int, default=1)
-    ap.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (0: P)")
-    ap.add_argument("--param-dtype", choices=DTYPES, default=None,
-                    help="stored parameters (default fp32 master weights; bf16 serving)")
-    ap.add_argument("--moments-dtype", choices=DTYPES, default="bf16")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="bf16")
-    ap.add_argument("--no-remat", dest="remat", action="store_false")
-    ap.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
-    ap.add_argument("--no-mtp", dest="mtp", action="store_false")
-
-
-def setup_from_args(args, mesh: str | None = None) -> Setup:
-    return make_setup(args.config, mesh if mesh is not None else args.mesh, args.devices,
-                      batch=args.batch, seq=args.seq, serve=args.serve,
-                      accumulate=args.accumulate, microbatches_arg=args.microbatches,
-                      param_dtype=args.param_dtype or ("bf16" if args.serve else "fp32"),
-                      moments_dtype=args.moments_dtype, precision=args.precision,
-                      remat=args.remat, capacity_factor=args.capacity_factor, mtp=args.mtp)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_setup_args(ap)
-    ap.add_argument("--device", default="h100-80g", choices=sorted(DEVICES))
-    ap.add_argument("--top", type=int, default=8, help="meshes listed without --mesh")
-    args = ap.parse_args(argv)
-    device = DEVICES[args.device]
-    try:
-        if args.mesh:
-            setup = setup_from_args(args)
-            _check_batch(setup)
-            print(report(setup, estimate(setup), [device]))
-            return 0
-        if not args.devices:
-            ap.error("give --mesh, or --devices N to search the meshes that fit")
-        probe = setup_from_args(args, mesh=f"fsdp={args.devices}")
-        found = search(args.config, args.devices, device, **{
-            f.name: getattr(probe, f.name) for f in dataclasses.fields(Setup)
-            if f.name not in ("config", "mesh", "config_path")})
-    except (MeshError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not found:
-        print(f"no mesh of {args.devices} x {device.name} fits this setup")
-        return 1
-    print(f"{len(found)} meshes of {args.devices} x {device.name} fit; best first:")
-    for setup, est in found[:args.top]:
-        print(f"  {setup.mesh_spec:<40} {gb(est.total):>12} per device")
-    print()
-    print(report(*found[0], [device]))
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line lives in plan_cli.py
+    from dsv3_jax.plan_cli import main
     sys.exit(main())

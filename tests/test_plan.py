@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import aot, plan
+from dsv3_jax import aot, plan, plan_cli
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_model
 from dsv3_jax.serve import cache as kv
@@ -36,6 +36,30 @@ def test_state_bytes_equal_the_placed_shards(spec):
     assert (params, other) == (placed["param"], placed["other"])
 
 
+@pytest.mark.parametrize("layers", [4, 5])  # tiny: 3 MoE layers on 2 stages (uneven), 4 (even)
+def test_stage_copies_are_the_stage_layout_of_the_pipelined_layers(layers):
+    """W, the planner's stage-copy unit, equals the per-device bytes of the pipelined layers laid
+    out as sharding/pipeline.py hands them to the stages (`_layer_split_spec`)."""
+    from jax.sharding import NamedSharding
+    from dsv3_jax.model import abstract_model
+    from sharding.pipeline import _layer_split_spec, _variables as stack_variables
+    cfg = ModelConfig.from_json(TINY).replace(num_hidden_layers=layers)
+    mesh = make_mesh("pipeline=2,expert=4")
+    model = abstract_model(cfg, mesh=mesh)
+    per_stage = cfg.num_moe_layers // 2
+    expected = 0
+    for v in stack_variables(model.moe_layers):
+        if not isinstance(v, nnx.Param):
+            continue
+        shape = (2 * per_stage, *v.shape[1:])
+        shard = NamedSharding(mesh, _layer_split_spec(v, mesh)).shard_shape(shape)
+        expected += int(np.prod(shard)) * 4
+    setup = plan.make_setup(cfg, "pipeline=2,expert=4", batch=8, seq=32)
+    assert plan.stage_layer_bytes(setup, jnp.float32) == expected
+    copies = 2 if cfg.num_moe_layers % 2 else 1
+    assert plan.estimate(setup).parts["stage_copies"] == copies * expected
+
+
 def test_cache_bytes_match_the_engine_layout():
     setup = plan.make_setup(V3, "expert=16", batch=64, seq=4096, serve=True, param_dtype="bf16")
     cfg = setup.config
@@ -49,10 +73,10 @@ def test_cache_bytes_match_the_engine_layout():
 
 def test_cli_verdict_and_mesh_search(capsys):
     args = ["--config", str(V3), "--batch", "256", "--seq", "4096", "--capacity-factor", "1.25"]
-    assert plan.main(args + ["--mesh", "pipeline=2,expert=128", "--device", "h200"]) == 0
+    assert plan_cli.main(args + ["--mesh", "pipeline=2,expert=128", "--device", "h200"]) == 0
     out = capsys.readouterr().out
     assert "FITS" in out and "optimizer" in out and "FLOPs per token" in out
-    assert plan.main(args + ["--accumulate", "4", "--devices", "256", "--device", "h100-80g"]) == 0
+    assert plan_cli.main(args + ["--accumulate", "4", "--devices", "256", "--device", "h100-80g"]) == 0
     out = capsys.readouterr().out
     assert "fit; best first" in out
     listed = [line.split()[0] for line in out.splitlines() if line.endswith("GB per device")]
@@ -60,7 +84,12 @@ def test_cli_verdict_and_mesh_search(capsys):
     for spec in listed:  # every proposal fits by the planner's own numbers
         setup = plan.make_setup(V3, spec, batch=256, seq=4096, capacity_factor=1.25, accumulate=4)
         assert plan.estimate(setup).fits(plan.DEVICES["h100-80g"])
-    assert plan.main(args + ["--mesh", "pipeline=2,expert=128", "--batch", "100"]) == 2
+    assert plan_cli.main(args + ["--mesh", "pipeline=2,expert=128", "--batch", "100"]) == 2
+    # pipelines that do not divide V3's 58 MoE layers are proposed too (SCALE.md: they compile
+    # with their experts split; the planner counts their resharded stage weights)
+    meshes = plan_cli.candidate_meshes(ModelConfig.from_json(V3), 256, serve=False)
+    assert "pipeline=8,fsdp=1,expert=32,tensor=1" in meshes
+    assert not any(m.startswith("pipeline=64") for m in meshes)  # more stages than MoE layers
 
 
 def test_dispatch_rows_dropless_and_capacity():
