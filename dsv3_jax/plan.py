@@ -354,6 +354,10 @@ def _train(setup: Setup) -> Estimate:
     parts["logits"] = int(tok * V / T * 4 * 2 * heads)
     notes = [f"dispatch: R = {R:,} rows per device per MoE layer "
              f"({'dropless' if setup.capacity_factor is None else f'capacity factor {setup.capacity_factor}'})"]
+    if setup.capacity_factor is None and setup.sizes["expert"] > 1:
+        notes.append("dropless dispatch: a lower bound. XLA keeps more worst-case row buffers "
+                     "live than counted here (671B at expert=128: the compiler needed ~2x this "
+                     "total, SCALE.md); use --capacity-factor on large meshes")
     if uneven:
         notes.append(f"{cfg.num_moe_layers} MoE layers are not divisible by {P} stages: the "
                      f"stack is stored FSDP-split over the pipeline axis, its last "
