@@ -9,6 +9,7 @@ with depth.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -271,25 +272,44 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, param_dtyp
     zero routing bias) without compiling an XLA random op per parameter shape, which on CPU
     costs tens of seconds even for the tiny config. With a `mesh`, each parameter is drawn on
     the host and only its shards go to the devices (`sharding/rules.py`); values do not depend
-    on the mesh. `precision` ("fp32", "bf16", "fp8") overrides `dtype`; parameters stay in
-    `param_dtype` (fp32 master weights by default).
+    on the mesh. Weights of `DEVICE_DRAW_ELEMENTS` or more are drawn on the devices instead,
+    shard by shard (`_device_normal`). `precision` ("fp32", "bf16", "fp8") overrides `dtype`;
+    parameters stay in `param_dtype` (fp32 master weights by default).
     """
     if precision is not None:
         dtype = Precision.named(precision)
     model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, mesh=mesh,
                            capacity_factor=capacity_factor)
     rng = np.random.default_rng(seed)
-    for _, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable):
-            continue
+    variables = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+    for index, var in enumerate(variables):
         meta = var.get_metadata()
         shape = var.shape
+        if "init_std" in meta and math.prod(shape) >= DEVICE_DRAW_ELEMENTS:
+            var.set_value(_device_normal(seed, index, var, float(meta["init_std"]), mesh))
+            continue
         if "init_std" in meta:
             value = rng.standard_normal(shape, dtype=np.float32) * np.float32(meta["init_std"])
         else:
             value = np.full(shape, meta.get("init_value", 0.0), np.float32)
         var.set_value(place(value, var, mesh))
     return model
+
+
+# Weights at least this large are drawn on the devices, each device only its own shard (a
+# `jax.random` draw with a sharded output), so that no host ever holds a whole one: the 671B
+# model's routed-expert stacks are 870 GB each in fp32. Smaller ones come from NumPy, which
+# needs no compile per shape. No config below tens of billions of parameters reaches this.
+DEVICE_DRAW_ELEMENTS = 1 << 28
+
+
+def _device_normal(seed: int, index: int, var: nnx.Variable, std: float, mesh) -> jax.Array:
+    """normal(0, std) drawn where it lives; the values depend on (seed, index, shape) only, not
+    on the mesh (threefry is partitionable; to the rounding of the normal transform)."""
+    sharding = variable_sharding(var, mesh) if mesh is not None else None
+    draw = jax.jit(lambda key: (jax.random.normal(key, var.shape, jnp.float32) * std).astype(var.dtype),
+                   out_shardings=sharding)
+    return draw(jax.random.fold_in(jax.random.key(seed), index))
 
 
 def check_token_ids(input_ids, vocab_size: int) -> None:

@@ -81,6 +81,36 @@ def test_token_ids_out_of_range(bad):
         model(jnp.asarray([[1, 2, bad]], jnp.int32))
 
 
+def test_large_weights_are_drawn_on_the_devices_shard_by_shard(monkeypatch):
+    """Weights past DEVICE_DRAW_ELEMENTS never exist whole on the host (671B: 870 GB expert
+    stacks): they are drawn on the devices into their shards, with the same values and scale
+    on any mesh."""
+    from dsv3_jax import model as model_lib
+    from sharding import make_mesh
+    from sharding.rules import variable_sharding
+
+    limit = 1 << 15
+    monkeypatch.setattr(model_lib, "DEVICE_DRAW_ELEMENTS", limit)
+    placed = []
+    real_place = model_lib.place
+    monkeypatch.setattr(model_lib, "place", lambda v, var, mesh: placed.append(v.size) or
+                        real_place(v, var, mesh))
+    cfg = TINY.replace(num_hidden_layers=2)
+    mesh = make_mesh("data=2,expert=4")
+    sharded, single = init_model(cfg, seed=0, mesh=mesh), init_model(cfg, seed=0)
+    assert max(placed) < limit  # nothing large went through the host
+    big = 0
+    for (path, v), (_, w) in zip(nnx.to_flat_state(nnx.state(sharded)),
+                                 nnx.to_flat_state(nnx.state(single))):
+        x = v.get_value()
+        assert x.sharding == variable_sharding(v, mesh), path
+        np.testing.assert_allclose(np.asarray(x), np.asarray(w.get_value()), rtol=1e-6, atol=1e-6)
+        if x.size >= limit:
+            big += 1
+            assert abs(np.asarray(x).std() / v.get_metadata()["init_std"] - 1) < 0.05, path
+    assert big >= 3  # embedding, head, routed-expert stacks
+
+
 def test_init_model_matches_the_module_initialisers():
     """init_model (NumPy, fast) draws what Transformer(rngs=...) draws: same shapes and scales."""
     cfg = TINY.replace(num_hidden_layers=2)
