@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import resource
@@ -178,11 +177,8 @@ def compile_decode(setup) -> Compiled:
     rep = NamedSharding(mesh, P())
     vec = lambda dt: jax.ShapeDtypeStruct((B,), dt, sharding=rep)  # noqa: E731
     sp = SamplingArrays(vec(jnp.float32), vec(jnp.int32), vec(jnp.float32), vec(jnp.uint32))
-    if len(inspect.signature(steps.jitted).parameters) == 2:  # steps take the state's leaves
-        weights, treedef = jax.tree.flatten(abstract)
-        _, decode, _ = steps.jitted(graphdef, treedef)
-    else:
-        weights, (_, decode, _) = abstract, steps.jitted(graphdef)
+    weights, treedef = jax.tree.flatten(abstract)  # the steps take the state's leaves
+    _, decode, _ = steps.jitted(graphdef, treedef)
     with jax.set_mesh(mesh):
         return _measure("decode", setup, lambda: decode.lower(
             weights, cache, vec(jnp.int32), vec(jnp.int32), vec(jnp.bool_), sp, window=T))
