@@ -196,8 +196,7 @@ class Transformer(nnx.Module):
         h = hidden
         for k, module in enumerate(self.mtp, start=1):
             emb_next = self.embed(input_ids[:, k:])
-            h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k],
-                                      remat=self.remat)
+            h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k])
             logits.append(self.head(h_normed))
             counts.append(aux["expert_counts"])
         return tuple(logits), jnp.stack(counts)

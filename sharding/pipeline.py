@@ -149,8 +149,7 @@ def _mtp_forward(model: Transformer, input_ids, hidden, cos, sin):
     h = hidden
     for k, module in enumerate(model.mtp, start=1):
         emb_next = constrain(model.embed(input_ids[:, k:]), ACT)
-        h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k],
-                                  remat=model.remat)
+        h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k])
         logits.append(model.head(h_normed))
         counts.append(aux["expert_counts"])
     return tuple(logits), jnp.stack(counts)

@@ -32,18 +32,9 @@ class MTP(nnx.Module):
         self.shared_head_norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"],
-                 cos, sin, *, remat: bool = False
-                 ) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], dict]:
-        """Returns (block output for the next depth, normed state for the head, block aux).
-
-        `remat`: recompute the block in the backward pass, as the main layers do under remat
-        (otherwise its whole MoE working set, e.g. dropless dispatch buffers, stays live)."""
-        def run(block, x):
-            return block(x, cos, sin)
-
-        if remat:
-            run = nnx.remat(run)
-        h, aux = run(self.block, self.combine(h_prev, emb_next))
+                 cos, sin) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], dict]:
+        """Returns (block output for the next depth, normed state for the head, block aux)."""
+        h, aux = self.block(self.combine(h_prev, emb_next), cos, sin)
         return h, self.shared_head_norm(h), aux
 
     def combine(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"]
