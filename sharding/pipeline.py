@@ -232,6 +232,11 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
     b = x.shape[0]
     mb = b // m
     mesh, rules = jax.sharding.get_abstract_mesh(), stage_rules()
+    # On CPU, xs and ys cross the stages in fp32: XLA:CPU aborts on a bf16 all-reduce here
+    # ("Invalid binary instruction opcode copy" in its all-reduce-promotion pass): the outputs'
+    # psum and the transposes that sum xs's cotangent over the stages (check_vma=False, below).
+    # Exact: stage 0 casts xs back, and one stage contributes to each sum, the others zeros.
+    cross = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
     inner = math.prod(mesh.shape[a] for a in rules["batch"] if a in mesh.shape)
     # outside the stages the batch is split over (data, fsdp, expert, pipeline), pipeline
     # fastest: stage p's rows of a micro-batch are blocks p, P + p, 2P + p, ... of P x inner
@@ -267,8 +272,8 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
                "balance": aux["balance"].sum(0) / m}  # balance: mean over sequences
         # the last stage's ys from tick P - 1 on are the outputs; hand every stage its rows
         # (a reduce-scatter) or, when the rows do not split that finely, all rows (all-reduce)
-        # (in fp32 like xs, see below; one stage contributes, the others add zeros: exact)
-        ys = jnp.where(stage == n_stages - 1, ys[n_stages - 1:], 0).astype(jnp.float32)
+        # (in the `cross` dtype, like xs)
+        ys = jnp.where(stage == n_stages - 1, ys[n_stages - 1:], 0).astype(cross)
         if scatter:
             ys = ys.reshape(m, inner, n_stages, mb // (inner * n_stages), *ys.shape[2:])
             return jax.lax.psum_scatter(ys, AXIS, scatter_dimension=2, tiled=True), aux
@@ -285,9 +290,5 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
                        out_specs=(P(None, None, AXIS) if scatter else P(), specs_aux),
                        axis_names={AXIS}, check_vma=False)
     with use_rules(rules):
-        # xs and ys cross the stages in fp32: XLA:CPU aborts on a bf16 all-reduce here ("Invalid
-        # binary instruction opcode copy" in its all-reduce-promotion pass): the outputs' psum
-        # and the transposes that sum xs's cotangent over the stages (check_vma=False, above).
-        # Stage 0 casts xs back and the outputs are cast back: the forward is unchanged.
-        ys, aux = fn(leaves, micro(x).astype(jnp.float32), micro(cos), micro(sin))
+        ys, aux = fn(leaves, micro(x).astype(cross), micro(cos), micro(sin))
     return constrain(unmicro(ys.reshape(m, mb, *ys.shape[-2:])).astype(x.dtype), ACT), aux
