@@ -42,19 +42,25 @@ def _value_and_grads(moe: MoE, x):
     return y, counts, nnx.to_flat_state(nnx.state(g, nnx.Param)), dx
 
 
+def _assert_same(result, reference):
+    """Two `_value_and_grads` results agree: values, exact expert counts, input and weight
+    gradients."""
+    (y, counts, g, dx), (y0, counts0, g0, dx0) = result, reference
+    _close(y, y0)
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(counts0))
+    _close(dx, dx0)
+    for (path, a), (_, b) in zip(g, g0):
+        _close(a.get_value(), b.get_value(), what=path)
+
+
 @pytest.mark.parametrize("tokens", [3])
 def test_per_row_path_is_the_grouped_path(tokens):
     """Values, expert counts and gradients (weights and input) of both paths, fp32."""
     moe = MoE(TINY, rngs=nnx.Rngs(1))
     assert moe.experts.per_row_fits(tokens * TINY.num_experts_per_tok)
     x = jax.random.normal(jax.random.key(tokens), (1, tokens, TINY.hidden_size))
-    y, counts, g, dx = nnx.jit(_value_and_grads)(moe, x)
-    y0, counts0, g0, dx0 = nnx.jit(_value_and_grads)(_with(moe, LocalDispatcher(per_row=False)), x)
-    _close(y, y0)
-    np.testing.assert_array_equal(np.asarray(counts), np.asarray(counts0))
-    _close(dx, dx0)
-    for (path, a), (_, b) in zip(g, g0):
-        _close(a.get_value(), b.get_value(), what=path)
+    _assert_same(nnx.jit(_value_and_grads)(moe, x),
+                 nnx.jit(_value_and_grads)(_with(moe, LocalDispatcher(per_row=False)), x))
 
 
 def test_per_row_path_in_bf16_and_the_static_choice():
@@ -83,15 +89,10 @@ def test_decode_sized_batch_matches_the_expert_parallel_dispatcher():
     moe = MoE(TINY, rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(5), (4, 1, TINY.hidden_size))
     assert moe.experts.per_row_fits(4 * TINY.num_experts_per_tok)
-    y, counts, g, dx = nnx.jit(_value_and_grads)(moe, x)
+    single = nnx.jit(_value_and_grads)(moe, x)
     with jax.set_mesh(mesh):
-        y1, counts1, g1, dx1 = nnx.jit(_value_and_grads)(
-            _with(moe, ExpertParallelDispatcher(mesh)), x)
-    _close(y, y1)
-    np.testing.assert_array_equal(np.asarray(counts), np.asarray(counts1))
-    _close(dx, dx1)
-    for (path, a), (_, b) in zip(g, g1):
-        _close(a.get_value(), b.get_value(), what=path)
+        sharded = nnx.jit(_value_and_grads)(_with(moe, ExpertParallelDispatcher(mesh)), x)
+    _assert_same(single, sharded)
 
 
 def test_per_row_rows_match_a_float64_reference():
