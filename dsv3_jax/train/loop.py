@@ -156,6 +156,12 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         if cfg.n_routed_experts % mesh.shape["expert"]:
             raise TrainingError(f"--mesh {run.mesh}: n_routed_experts {cfg.n_routed_experts} is "
                                 f"not divisible by the expert axis size {mesh.shape['expert']}")
+    if run.moments_dtype not in MOMENTS_DTYPES:
+        raise TrainingError(f"--moments-dtype {run.moments_dtype!r}: use one of "
+                            f"{', '.join(MOMENTS_DTYPES)}")
+    if run.capacity_factor < 0 or (run.capacity_factor and mesh is None):
+        raise TrainingError(f"--capacity-factor {run.capacity_factor}: must be > 0 and applies "
+                            "to expert-parallel dispatch (--mesh with an expert axis); 0 is dropless")
     to_global = _batch_layout(run, mesh)
     plan = _pipeline_plan(run, cfg, mesh)
     files = data.corpus_files(run.corpus)
@@ -163,12 +169,6 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     tokens = data.encode_corpus(files, tokenizer, eos_id=data.EOS_ID)
     batcher = data.TokenBatcher(tokens, run.batch_size, run.seq_len, seed=run.seed,
                                 process_index=jax.process_index(), process_count=jax.process_count())
-    if run.moments_dtype not in MOMENTS_DTYPES:
-        raise TrainingError(f"--moments-dtype {run.moments_dtype!r}: use one of "
-                            f"{', '.join(MOMENTS_DTYPES)}")
-    if run.capacity_factor < 0 or (run.capacity_factor and mesh is None):
-        raise TrainingError(f"--capacity-factor {run.capacity_factor}: must be > 0 and applies "
-                            "to expert-parallel dispatch (--mesh with an expert axis); 0 is dropless")
     model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh,
                        capacity_factor=run.capacity_factor or None)
     if run.init_from_hf:
