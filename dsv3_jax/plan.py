@@ -43,7 +43,7 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
   reduce-scatter), in p bytes. Small when experts are split over the expert axis; ~11 GB for
   a V3 layer whose 256 experts are FSDP-split instead;
 - stage copies (P > 1): W = the stage's pipelined layers in the layout the stage uses
-  (`_layer_split_spec` in sharding/pipeline.py: split by layer over P, the other dims as
+  (`layer_split_spec` in sharding/pipeline.py: split by layer over P, the other dims as
   stored without P), in p bytes. The GPipe tick loop carries the stage's weights as loop
   state, and XLA copies them into it (the parameter buffers are donated and updated in
   place, so the loop does not read them where they lie): one W, seen as `copy` buffers of
@@ -206,15 +206,22 @@ def _variables_of(cfg_json: str) -> tuple:
     return tuple(out)
 
 
+def _spec(axes, shape, sizes: dict[str, int]) -> tuple:
+    """The rules' PartitionSpec entries for an array, padded to one per dimension."""
+    from sharding.rules import logical_to_spec
+    spec = tuple(logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes)))
+    return spec + (None,) * (len(shape) - len(spec))
+
+
+def _split(entry, sizes: dict[str, int]) -> int:
+    """How many ways one PartitionSpec entry (None, an axis or a tuple of axes) splits its dim."""
+    names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+    return math.prod(sizes[a] for a in names)
+
+
 def shard_elements(axes, shape, sizes: dict[str, int]) -> int:
     """Elements of one device's shard of an array laid out by the logical-axis rules."""
-    from sharding.rules import logical_to_spec
-    spec = logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes))
-    split = 1
-    for entry in spec:
-        for a in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
-            split *= sizes[a]
-    return math.prod(shape) // split
+    return math.prod(shape) // math.prod(_split(e, sizes) for e in _spec(axes, shape, sizes))
 
 
 # dims split for storage only, gathered for compute (sharding/rules.py maps them to FSDP axes)
@@ -224,17 +231,14 @@ FSDP_AXES = ("embed", "embed_concat", "q_lora", "kv_lora")
 def gathered_layer_bytes(setup: Setup, dtype) -> int:
     """Bytes one device gathers for the largest layer: each stacked weight of one layer as
     the compute uses it (its "embed" dims whole), less the shard it stores."""
-    from sharding.rules import logical_to_spec
     sizes, itemsize = setup.sizes, jnp.dtype(dtype).itemsize
     per_stack: dict[int, int] = {}
     for axes, shape, is_param, _ in _variables(setup.config):
         if not is_param or not axes or axes[0] != "layers":
             continue
-        spec = logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes))
         used = stored = 1
-        for name, entry in zip(axes[1:], tuple(spec)[1:]):
-            n = math.prod(sizes[a] for a in (entry if isinstance(entry, tuple) else
-                                             (entry,) if entry else ()))
+        for name, entry in zip(axes[1:], _spec(axes, shape, sizes)[1:]):
+            n = _split(entry, sizes)
             stored *= n
             used *= 1 if name in FSDP_AXES else n
         layer = math.prod(shape[1:])
@@ -245,17 +249,15 @@ def gathered_layer_bytes(setup: Setup, dtype) -> int:
 def stage_layer_bytes(setup: Setup, dtype) -> int:
     """W: bytes of one stage's pipelined MoE layers per device, in the stage's layout (split by
     layer over the pipeline axis, every other dim as stored but without the pipeline axis)."""
-    from sharding.rules import logical_to_spec
+    from sharding.pipeline import layer_split_spec
     sizes, cfg = setup.sizes, setup.config
     per_stage = cfg.num_moe_layers // setup.stages
     total = 0
     for axes, shape, is_param, _ in _variables(cfg):
         if not is_param or not axes or axes[0] != "layers" or shape[0] != cfg.num_moe_layers:
             continue
-        spec = tuple(logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes)))[1:]
-        split = math.prod(sizes[a] for entry in spec for a in (
-            entry if isinstance(entry, tuple) else (entry,) if entry else ()) if a != "pipeline")
-        total += per_stage * math.prod(shape[1:]) // split
+        spec = tuple(layer_split_spec(axes, shape, types.SimpleNamespace(shape=sizes)))[1:]
+        total += per_stage * math.prod(shape[1:]) // math.prod(_split(e, sizes) for e in spec)
     return total * jnp.dtype(dtype).itemsize
 
 

@@ -182,13 +182,19 @@ def _variables(stack) -> list[nnx.Variable]:
 
 
 def _layer_split_spec(var: nnx.Variable, mesh) -> P:
-    """Where a stacked variable's pipelined layers go: split by layer over the pipeline axis,
-    every other dimension as stored but without the pipeline axis (which the storage may use
-    for "embed" when the stage count does not divide the stack, sharding/rules.py)."""
+    """`layer_split_spec` of a stacked variable."""
     axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-    stored = logical_to_spec(axes, var.shape, mesh)
+    return layer_split_spec(axes, var.shape, mesh)
+
+
+def layer_split_spec(axes, shape, mesh) -> P:
+    """Where a stacked array's pipelined layers go: split by layer over the pipeline axis,
+    every other dimension as stored but without the pipeline axis (which the storage may use
+    for "embed" when the stage count does not divide the stack, sharding/rules.py). `mesh`
+    needs only `.shape` (the planner passes axis sizes)."""
+    stored = logical_to_spec(axes, shape, mesh)
     rest = []
-    for entry in tuple(stored)[1:] + (None,) * (len(var.shape) - len(stored)):
+    for entry in tuple(stored)[1:] + (None,) * (len(shape) - len(stored)):
         names = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,))
                       if a is not None and a != AXIS)
         rest.append(names if len(names) > 1 else (names[0] if names else None))
