@@ -8,7 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from dsv3_jax.serve.detokenize import IncrementalText
+from dsv3_jax.serve.chat import TextStream
 
 if TYPE_CHECKING:
     from dsv3_jax.serve.engine import Engine
@@ -89,8 +89,7 @@ class Request:
         self._engine = engine
         self._cancelled = False
         self._cond = threading.Condition()
-        self._text: IncrementalText | None = None  # for stop strings
-        self._tail = ""  # the last characters of the text, as many as a stop string can span
+        self._text: TextStream | None = None  # for stop strings
 
     @property
     def done(self) -> bool:
@@ -161,17 +160,13 @@ class Request:
         return reason, kept
 
     def _stop_string_ends(self, token: int, detokenize) -> bool:
-        """Whether the text `token` adds completes a stop string. Decodes a bounded tail of the
-        ids (dsv3_jax/serve/detokenize.py) and searches the last characters a stop string can
-        span, so each token costs the same however long the output is."""
+        """Whether the text `token` adds completes a stop string: the HTTP stream's `TextStream`
+        (dsv3_jax/serve/chat.py), which decodes a bounded tail of the ids, so each token costs
+        the same however long the output is."""
         if self._text is None:
-            self._text = IncrementalText(detokenize)
-        piece = self._text.push([token])
-        if not piece:
-            return False
-        text = self._tail + piece
-        self._tail = text[max(0, len(text) - max(map(len, self.params.stop)) + 1):]
-        return any(s in text for s in self.params.stop)
+            self._text = TextStream(detokenize, self.params.stop)
+        self._text.push([token])
+        return self._text.stopped
 
     def _finish(self, reason: str, error: str | None = None) -> None:
         with self._cond:
