@@ -58,7 +58,6 @@ def run_case(args: list[str], limit_gb: float) -> dict:
 
 def planner(args: list[str]) -> plan.Estimate:
     """The planner's estimate for a case, computed here (with the current formulas)."""
-    import argparse
     ap = argparse.ArgumentParser()
     plan_cli.add_setup_args(ap)
     config, mesh, *rest = args
@@ -69,7 +68,7 @@ def planner(args: list[str]) -> plan.Estimate:
 def row(name: str, r: dict, est: plan.Estimate) -> str:
     p = est.as_dict()
     ratio = p["total"] / r["total"]
-    fits = lambda b, dev: "fits" if b <= (1 - plan.HEADROOM) * plan.DEVICES[dev].memory else "no"  # noqa: E731
+    fits = lambda b, dev: "fits" if plan.fits(b, plan.DEVICES[dev]) else "no"  # noqa: E731
     return (f"| {name} | {r['kind']} | {r['mesh']} | {r['lower_s']:.0f} + {r['compile_s']:.0f} | "
             f"{r['argument'] / 1e9:.1f} + {r['temp'] / 1e9:.1f} = {r['total'] / 1e9:.1f} | "
             f"{p['total'] / 1e9:.1f} | {ratio:.2f} | {fits(r['total'], 'h100-80g')} / "

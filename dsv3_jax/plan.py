@@ -109,6 +109,11 @@ DEVICES = {
 DEVICES["h200-141g"] = DEVICES["h200"]
 
 
+def fits(total: int, device: Device) -> bool:
+    """Whether `total` bytes per device fit `device`, leaving HEADROOM to the runtime."""
+    return total <= (1 - HEADROOM) * device.memory
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """A layout to plan or compile: model, mesh, batch, precision, and train or serve."""
@@ -294,7 +299,7 @@ class Estimate:
         return self.flops_per_token * self.tokens_per_step
 
     def fits(self, device: Device) -> bool:
-        return self.total <= (1 - HEADROOM) * device.memory
+        return fits(self.total, device)
 
     def as_dict(self) -> dict:
         return dict(parts=self.parts, total=self.total, flops_per_token=self.flops_per_token,
