@@ -135,7 +135,10 @@ def replicate_unplaced(optimizer: nnx.Optimizer, mesh) -> None:
 def _check_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        # one probe per process: every process of a multi-host run checks the shared folder, and
+        # with one name a process could delete the file another had just written (seen as a
+        # spurious "not writable" that left the other processes waiting at start-up)
+        probe = out / f".write_test.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
