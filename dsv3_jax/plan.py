@@ -63,7 +63,7 @@ token, times the tokens of a step; decoding 2 x activated weights + absorbed att
 the context, 2 * H * context * (2 * kv_lora_rank + qk_rope_head_dim) per layer.
 
 The figures are checked against XLA's memory analysis of the compiled steps
-(dsv3_jax/aot.py, tests/test_plan.py, SCALE.md). A device fits when the total is at most
+(dsv3_jax/aot/, tests/test_plan.py, tests/test_aot_targets.py, SCALE.md). A device fits when the total is at most
 (1 - HEADROOM) of its memory: the rest is left to the runtime (CUDA context, NCCL buffers,
 fragmentation); set XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 so JAX may use that much.
 """
@@ -105,6 +105,8 @@ DEVICES = {
     "tpu-v5p": Device("TPU v5p", 95 * GiB, 459e12),
     "tpu-v4": Device("TPU v4", 32 * GiB, 275e12),
     "tpu-v5e": Device("TPU v5e", 16 * GiB, 197e12),
+    "tpu-v6e": Device("TPU v6e", 32 * GiB, 918e12),
+    "b200": Device("NVIDIA B200", 191514411008, 2250e12),  # XLA's B200 target config
 }
 DEVICES["h200-141g"] = DEVICES["h200"]
 

@@ -79,6 +79,18 @@ def device_grid(devices, sizes: dict[str, int]) -> np.ndarray:
     return grid.reshape([sizes[a] for a in AXES])
 
 
+def platform(mesh) -> str:
+    """The platform ("cpu", "gpu", "tpu") of a Mesh's or AbstractMesh's devices; an abstract
+    mesh without devices (or none at all) falls back to JAX's default backend. Ahead-of-time
+    compiles for TPU or GPU run with the CPU backend, so code choosing per platform asks the
+    mesh, not `jax.default_backend()`."""
+    device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+    if device is None and isinstance(mesh, Mesh):
+        device = mesh.devices.flat[0]
+    name = getattr(device, "platform", None) or jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
 def describe(mesh: Mesh) -> str:
     """"data=2,expert=4" style summary of the non-trivial axes."""
     parts = [f"{a}={mesh.shape[a]}" for a in mesh.axis_names if mesh.shape[a] > 1]

@@ -42,6 +42,7 @@ from jaxtyping import Array, Int
 from dsv3_jax.layers.rope import rope_cos_sin
 from dsv3_jax.model import ACT, ModelOutput, Transformer, check_token_ids
 from sharding.expert_parallel import ExpertParallelDispatcher
+from sharding.mesh import platform as mesh_platform
 from sharding.rules import active_rules, constrain, logical_to_spec, use_rules
 
 AXIS = "pipeline"
@@ -242,7 +243,7 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
     # ("Invalid binary instruction opcode copy" in its all-reduce-promotion pass): the outputs'
     # psum and the transposes that sum xs's cotangent over the stages (check_vma=False, below).
     # Exact: stage 0 casts xs back, and one stage contributes to each sum, the others zeros.
-    cross = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
+    cross = jnp.float32 if mesh_platform(mesh) == "cpu" else x.dtype
     inner = math.prod(mesh.shape[a] for a in rules["batch"] if a in mesh.shape)
     # outside the stages the batch is split over (data, fsdp, expert, pipeline), pipeline
     # fastest: stage p's rows of a micro-batch are blocks p, P + p, 2P + p, ... of P x inner

@@ -1,0 +1,333 @@
+"""An audit of a compiled step's optimized HLO: what it communicates and how it multiplies.
+
+`audit(hlo_text, cost)` reads the text XLA prints for a compiled executable
+(`compiled.as_text()`, the same on XLA:CPU, XLA:GPU and the TPU compiler) and returns a plain
+dict (kept in `python -m dsv3_jax.aot --json`):
+
+- `collectives`: per kind (all-to-all, ragged-all-to-all, all-gather, reduce-scatter,
+  all-reduce, collective-permute): how many run per step, how many of those are asynchronous
+  (`*-start`/`*-done` pairs, or wrapped in `async-start` / a `fusion-start`, and not marked
+  `is_sync`), and the bytes one device sends per step. Bytes are from the operands one device
+  holds (b) and the group size (n): all-gather b (n-1); reduce-scatter and all-to-all
+  b (n-1)/n; all-reduce 2 b (n-1)/n (ring); collective-permute b; ragged-all-to-all its input
+  buffer's b (n-1)/n, an upper bound (how many rows really travel is known at run time only).
+- `largest_all_gather`: the biggest single all-gather (its result bytes and shape, and the
+  JAX op that asked for it): a whole weight gathered every decode step shows up here.
+- `matmuls`: per operand dtypes ("bf16 x bf16", "f8e4m3fn x f8e4m3fn", ...), the dots,
+  convolutions (the TPU compiler's form of a dot), ragged dots and cuBLAS GEMM calls run per
+  step, and their FLOPs where the HLO gives them (dots and GEMM calls; the TPU's convolutions
+  are counted but their FLOPs are left to the compiler's own cost analysis).
+- `cost`: the backend's cost analysis (FLOPs, bytes accessed, optimal seconds) where it
+  reports one (the TPU compiler and XLA:CPU; XLA:GPU's deviceless compile does not).
+
+"Per step" counts every instruction once per execution: a while loop's body counts its trip
+count times (XLA's `known_trip_count`, else the `i < N` of its condition; loops it cannot
+bound count once and are reported in `unbounded_loops`); both branches of a conditional count.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+               "collective-permute")
+ITEMSIZE = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
+            "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8,
+            "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
+            "f8e4m3": 1, "f8e3m4": 1, "f8e4m3b11fnuz": 1, "f8e8m0fnu": 1, "f4e2m1fn": 0.5}
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+?|f4e2m1fn)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
+_DEF = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = ")
+_CALLED = re.compile(r"\b(calls|body|to_apply|condition|true_computation|false_computation|"
+                     r"branch_computations|called_computations|async_wrapped_computation)="
+                     r"(\{[^}]*\}|%?[\w.\-]+)")
+_GEMM_TARGETS = ("gemm", "matmul")
+
+
+def arrays(type_str: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The (dtype, shape) of every array in an HLO type (a tuple type gives several)."""
+    return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(type_str)]
+
+
+def nbytes(type_str: str) -> int:
+    return int(sum(math.prod(s) * ITEMSIZE.get(d, 4) for d, s in arrays(type_str)))
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+class Instruction:
+    __slots__ = ("name", "type", "opcode", "operands", "attrs", "line")
+
+    def __init__(self, name, type_, opcode, operands, attrs, line):
+        self.name, self.type, self.opcode = name, type_, opcode
+        self.operands, self.attrs, self.line = operands, attrs, line
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+    m = _DEF.match(line)
+    if not m:
+        return None
+    rest = line[m.end():]
+    if rest.startswith("("):
+        end = _balanced(rest, 0)
+        type_, rest = rest[:end], rest[end:].lstrip()
+    else:
+        type_, _, rest = rest.partition(" ")
+    opcode, paren, rest = rest.partition("(")
+    if not paren:
+        return None
+    end = _balanced("(" + rest, 0) - 1
+    # names with or without the % of the optimized HLO's printer; /*index=N*/ comments
+    operands = re.findall(r"(?:^|,)\s*(?:/\*index=\d+\*/)?%?([A-Za-z_][\w.\-]*)", rest[:end - 1])
+    return Instruction(m.group(1), type_, opcode.strip(), operands, rest[end:], line)
+
+
+def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """({computation name: its instructions}, the entry computation's name)."""
+    comps: dict[str, list[Instruction]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        if current is None:
+            h = _HEADER.match(line)
+            if h and not line.startswith(" "):
+                current = h.group(2)
+                comps[current] = []
+                if h.group(1):
+                    entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        inst = _parse_instruction(line)
+        if inst is not None:
+            comps[current].append(inst)
+    return comps, entry
+
+
+def _called(inst: Instruction) -> list[tuple[str, str]]:
+    out = []
+    for key, value in _CALLED.findall(inst.attrs):
+        for name in re.findall(r"%?([\w.\-]+)", value):
+            out.append((key, name))
+    return out
+
+
+def _trip_count(inst: Instruction, comps) -> int | None:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
+    if m:
+        return int(m.group(1))
+    cond = dict(_called(inst)).get("condition")
+    body = comps.get(cond, [])
+    consts = {i.name: i for i in body if i.opcode == "constant"}
+    for i in body:
+        if i.opcode == "compare" and "direction=LT" in i.attrs and len(i.operands) == 2:
+            c = consts.get(i.operands[1])
+            if c is not None:
+                v = re.match(r"\s*(-?\d+)", c.line.split("constant(", 1)[1])
+                if v:
+                    return int(v.group(1))
+    return None
+
+
+def multiplicities(comps, entry) -> tuple[dict[str, int], set[str], int]:
+    """(times each computation runs per step, the computations run asynchronously, loops whose
+    trip count is unknown)."""
+    mult: dict[str, int] = {}
+    asynchronous: set[str] = set()
+    unknown = 0
+    order = [(entry, 1, False)]
+    while order:
+        name, m, is_async = order.pop()
+        mult[name] = mult.get(name, 0) + m
+        if is_async:
+            asynchronous.add(name)
+        for inst in comps.get(name, []):
+            calls = _called(inst)
+            if not calls:
+                continue
+            times = m
+            if inst.opcode == "while":
+                n = _trip_count(inst, comps)
+                if n is None:
+                    unknown += 1
+                times = m * (n or 1)
+            wraps = inst.opcode in ("async-start", "fusion-start") or (
+                inst.opcode.endswith("-start") and not _is_sync(inst))
+            for key, callee in calls:
+                if callee not in comps or key == "condition" or (
+                        key == "to_apply" and inst.opcode != "call"):  # reducers, comparators
+                    continue
+                order.append((callee, times if key == "body" else m, is_async or wraps))
+    return mult, asynchronous, unknown
+
+
+def _is_sync(inst: Instruction) -> bool:
+    return '"is_sync":true' in inst.attrs
+
+
+def _group_size(inst: Instruction) -> int | None:
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", inst.attrs)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", inst.attrs)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", inst.attrs)
+    if m:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+    return None
+
+
+def _sent(kind: str, b: int, n: int | None) -> float:
+    if n is None or n <= 1:
+        return 0.0 if n == 1 else float(b)
+    return {"all-gather": b * (n - 1), "reduce-scatter": b * (n - 1) / n,
+            "all-to-all": b * (n - 1) / n, "ragged-all-to-all": b * (n - 1) / n,
+            "all-reduce": 2 * b * (n - 1) / n, "collective-permute": b}[kind]
+
+
+def _op_name(inst: Instruction) -> str:
+    m = re.search(r'op_name="([^"]*)"', inst.attrs)
+    return m.group(1) if m else ""
+
+
+def _dims(attrs: str, key: str) -> list[int]:
+    m = re.search(key + r"=\{([\d,]*)\}", attrs)
+    return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def _matmul(inst: Instruction, types: dict[str, str]) -> tuple[str, float | None] | None:
+    """(operand dtypes, FLOPs or None) when `inst` is a matrix multiplication."""
+    op = inst.opcode
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', inst.attrs)
+        if not target or not any(t in target.group(1).lower() for t in _GEMM_TARGETS):
+            return None
+    elif op not in ("dot", "convolution", "ragged-dot"):
+        return None
+    ops = [arrays(types.get(o, "")) for o in inst.operands[:2]]
+    if len(ops) < 2 or not ops[0] or not ops[1]:
+        return None
+    (ld, ls), (rd, _) = ops[0][0], ops[1][0]
+    key = f"{ld} x {rd}"
+    out = arrays(inst.type)
+    if not out or op == "convolution":
+        return key, None
+    if op == "custom-call":
+        cfg = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attrs)
+        contracting = [int(x) for x in re.findall(r"\d+", cfg.group(1))] if cfg else []
+    else:
+        contracting = _dims(inst.attrs, "lhs_contracting_dims")
+    k = math.prod(ls[i] for i in contracting if i < len(ls))
+    return key, 2.0 * math.prod(out[0][1]) * k
+
+
+def audit(hlo_text: str, cost: dict | None = None) -> dict:
+    """The audit of one compiled step (see the module docstring)."""
+    comps, entry = parse(hlo_text)
+    mult, asynchronous, unknown = multiplicities(comps, entry)
+    coll = {k: dict(count=0, asynchronous=0, bytes=0.0) for k in COLLECTIVES}
+    matmuls: dict[str, dict] = {}
+    largest = dict(bytes=0, shape="", op_name="")
+    for name, insts in comps.items():
+        m = mult.get(name, 0)
+        if not m:
+            continue
+        types = {i.name: i.type for i in insts}
+        for inst in insts:
+            op = inst.opcode
+            base = op[:-len("-start")] if op.endswith("-start") else op
+            if base in COLLECTIVES and not op.endswith("-done"):
+                operands = inst.operands[:1] if base == "ragged-all-to-all" else inst.operands
+                b = sum(nbytes(types.get(o, "")) for o in operands)
+                n = _group_size(inst)
+                c = coll[base]
+                c["count"] += m
+                is_async = (op.endswith("-start") or name in asynchronous) and not _is_sync(inst)
+                c["asynchronous"] += m if is_async else 0
+                c["bytes"] += m * _sent(base, b, n)
+                if base == "all-gather" and b * (n or 1) > largest["bytes"]:
+                    shapes = [f"{d}[{','.join(map(str, s))}]" for o in operands
+                              for d, s in arrays(types.get(o, ""))]
+                    more = f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
+                    largest = dict(bytes=b * (n or 1), shape=" ".join(shapes[:3]) + more,
+                                   group=n, op_name=_op_name(inst))
+                continue
+            mm = _matmul(inst, types)
+            if mm:
+                key, flops = mm
+                row = matmuls.setdefault(key, dict(count=0, flops=0.0, without_flops=0))
+                row["count"] += m
+                if flops is None:
+                    row["without_flops"] += m
+                else:
+                    row["flops"] += m * flops
+    for c in coll.values():
+        c["bytes"] = int(c["bytes"])
+    return dict(collectives=coll, largest_all_gather=largest, matmuls=matmuls,
+                cost=_cost(cost), unbounded_loops=unknown)
+
+
+def _cost(cost) -> dict | None:
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost:
+        return None
+    return {k: float(cost[src]) for k, src in (("flops", "flops"), ("bytes_accessed", "bytes accessed"),
+                                                ("optimal_seconds", "optimal_seconds"))
+            if src in cost}
+
+
+def matmul_flops(a: dict) -> float | None:
+    """FLOPs of the step's matmuls from the HLO, or None when some have no FLOP count."""
+    rows = a["matmuls"].values()
+    if any(r["without_flops"] for r in rows):
+        return None
+    return sum(r["flops"] for r in rows)
+
+
+def table(a: dict, planner_flops: float | None = None) -> str:
+    """The audit as text: collectives, the largest all-gather, matmuls, FLOPs."""
+    lines = ["collective            per step  async     bytes sent / device"]
+    for kind, c in a["collectives"].items():
+        if c["count"]:
+            lines.append(f"  {kind:<20} {c['count']:>7,}  {c['asynchronous']:>5,}  "
+                         f"{c['bytes'] / 1e9:>12.3f} GB")
+    lg = a["largest_all_gather"]
+    if lg.get("bytes"):
+        lines.append(f"largest all-gather: {lg['bytes'] / 1e9:.3f} GB ({lg['shape']} x {lg['group']}) "
+                     f"from {lg['op_name'][-90:]}")
+    lines.append("matmuls (operand dtypes)   per step    GFLOP (from the HLO)")
+    for key, r in sorted(a["matmuls"].items(), key=lambda kv: -kv[1]["count"]):
+        if r["without_flops"] == r["count"]:
+            fl = "(convolutions: in the compiler's FLOPs)"
+        else:
+            fl = f"{r['flops'] / 1e9:,.1f}" + (f" (+{r['without_flops']:,} convolutions)"
+                                                if r["without_flops"] else "")
+        lines.append(f"  {key:<24} {r['count']:>9,}    {fl}")
+    cost = a.get("cost") or {}
+    mf = matmul_flops(a)
+    flops = [("compiler", cost.get("flops")), ("HLO matmuls", mf), ("planner", planner_flops)]
+    lines.append("FLOPs per device per step: " + ", ".join(
+        f"{k} {v:.3e}" for k, v in flops if v is not None))
+    if cost.get("bytes_accessed"):
+        lines.append(f"bytes accessed per device: {cost['bytes_accessed'] / 1e9:.2f} GB; "
+                     f"compiler's optimal time {cost.get('optimal_seconds', 0):.4f} s")
+    if a.get("unbounded_loops"):
+        lines.append(f"note: {a['unbounded_loops']} loops of unknown trip count counted once")
+    return "\n".join(lines)
+

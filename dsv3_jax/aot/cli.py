@@ -1,0 +1,117 @@
+"""`python -m dsv3_jax.aot`: compile one real step for a target, print its memory and audit.
+
+    python -m dsv3_jax.aot --config configs/deepseek-v2-lite.json --mesh expert=16,fsdp=4 \\
+        --batch 64 --seq 4096 --target tpu-v5p:4x4x4
+    python -m dsv3_jax.aot ... --serve --step prefill --target h200:2x8 --json out.json
+
+The compile runs in this process, which must not have started JAX's backend yet: the target's
+environment (JAX_PLATFORMS=cpu, its XLA_FLAGS, the fake CPU device count) is set first.
+`run_subprocess` runs it in a fresh process for scripts and tests. `--max-memory-gb` caps the
+process's address space (RLIMIT_AS) and fails if the peak RSS exceeds it: proof that no
+parameter is materialised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+
+from dsv3_jax.aot.targets import NAMES, TargetError, parse_target
+
+
+def run_subprocess(args: list[str], *, timeout: float = 1800) -> dict:
+    """Run `python -m dsv3_jax.aot ARGS --json -` in a fresh process; its result as a dict."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "dsv3_jax.aot", *args, "--json", "-"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"dsv3_jax.aot {' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    from dsv3_jax import plan, plan_cli
+    from dsv3_jax.aot import audit
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    plan_cli.add_setup_args(ap)
+    ap.add_argument("--target", default="cpu",
+                    help=f"NAME[:TOPOLOGY], NAME one of {', '.join(NAMES)}; TOPOLOGY a TPU chip "
+                         "grid (4x4x4, 16x16) or HOSTSxGPUS (32x8); default: the smallest "
+                         "standard one with the mesh's device count")
+    ap.add_argument("--step", choices=("train", "decode", "prefill"), default=None,
+                    help="default: train, or decode with --serve (prefill needs --serve)")
+    ap.add_argument("--max-memory-gb", type=float, default=None,
+                    help="cap this process's address space (RLIMIT_AS) and fail if peak RSS "
+                         "exceeds it: proof that no parameter is materialised")
+    ap.add_argument("--json", default=None, help="write the result as JSON to this file ('-': stdout)")
+    ap.add_argument("--hlo", default=None, help="write the optimized HLO (what the audit reads) here")
+    ap.add_argument("--dump", default=None, help="XLA dump folder (buffer assignment, HLO)")
+    args = ap.parse_args(argv)
+    if args.step and (args.step == "train") == args.serve:
+        ap.error(f"--step {args.step} {'without' if args.serve else 'needs'} --serve")
+    setup = plan_cli.setup_from_args(args)
+    try:
+        target = parse_target(args.target, setup.devices)
+    except TargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = target.environ(setup.devices)
+    if args.dump:
+        env["XLA_FLAGS"] += (f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text "
+                             "--xla_dump_hlo_module_re=jit_")
+    os.environ.update(env)
+    limit = None
+    if args.max_memory_gb:
+        limit = int(args.max_memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    from dsv3_jax.aot.compile import compile_step
+    try:
+        result = compile_step(setup, target, args.step)
+    except TargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if limit is not None and result.peak_rss > limit:
+        raise SystemExit(f"peak RSS {result.peak_rss / 2**30:.2f} GiB exceeds the limit of "
+                         f"{args.max_memory_gb} GiB")
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(result.hlo_text)
+    estimate = plan.estimate(setup) if result.kind != "prefill" else None
+    out = dict(dataclasses.asdict(result), total=result.total,
+               planner=estimate.as_dict() if estimate else None, setup=setup.describe())
+    if args.json == "-":
+        print(json.dumps(out))
+        return 0
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(out) + "\n")
+    print(f"{setup.describe()}\n{result.kind} step compiled for {target.spec} "
+          f"({setup.devices} x {result.device_kind}) in {result.lower_s:.0f} + "
+          f"{result.compile_s:.0f} s")
+    if estimate:
+        print(plan_cli.comparison_table([(setup, result, estimate)]))
+    else:
+        print(f"compiler: {result.total / 1e9:.2f} GB per device (the planner estimates train and "
+              "decode steps)")
+    device = plan.DEVICES.get(target.planner_device or "")
+    if device:
+        verdict = "FITS" if plan.fits(result.total, device) else "DOES NOT FIT"
+        print(f"{device.name} ({device.memory / 1e9:.1f} GB, {1 - plan.HEADROOM:.0%} usable), "
+              f"compiler's figure: {verdict}")
+    print(audit.table(result.audit, estimate.flops_per_step / setup.devices if estimate else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
