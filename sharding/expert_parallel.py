@@ -27,6 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.layers import grouped_matmul as gm
 from dsv3_jax.layers.moe import expert_ffn
+from sharding.mesh import platform as mesh_platform
 from sharding.rules import batch_axes
 
 
@@ -61,7 +62,7 @@ class ExpertParallelDispatcher:
         if self.collective not in ("auto", "dense", "ragged"):
             raise ValueError(f"collective={self.collective!r}: use 'auto', 'dense' or 'ragged'")
         if self.collective == "auto":
-            return self.mesh.devices.flat[0].platform in ("gpu", "cuda", "rocm", "tpu")
+            return mesh_platform(self.mesh) in ("gpu", "tpu")
         return self.collective == "ragged"
 
     def __call__(self, x, experts, routed, num_experts):
@@ -140,13 +141,19 @@ def _exchange_ragged(rows, local_e, dest, pos, keep, ep, cap, axis):
     # where my slice lands on each receiver: the offset that receiver gave me
     out_off = jax.lax.all_to_all(recv_off, axis, 0, 0, tiled=True)
     size = ep * cap
-    recv_x = jax.lax.ragged_all_to_all(send_x, jnp.zeros((size, d), rows.dtype), send_off,
+    # The output buffers are made like the rows (`zeros_like`), so they vary over the same mesh
+    # axes: the result of ragged_all_to_all is typed by its output operand, and a plain
+    # jnp.zeros would type the received rows as equal on every device. Their cotangents would
+    # then be summed over the expert (and batch) axes in the backward pass: wrong gradients,
+    # and a psum of the whole [rows, d] buffer per layer (found by the H100 HLO audit).
+    recv_x = jax.lax.ragged_all_to_all(send_x, jnp.zeros_like(send_x, shape=(size, d)), send_off,
                                        send_sizes, out_off, recv_sizes, axis_name=axis)
-    recv_e = jax.lax.ragged_all_to_all(send_e[:, None], jnp.full((size, 1), -1, jnp.int32), send_off,
-                                       send_sizes, out_off, recv_sizes, axis_name=axis)[:, 0]
+    recv_e = jax.lax.ragged_all_to_all(send_e[:, None], jnp.full_like(send_e, -1, shape=(size, 1)),
+                                       send_off, send_sizes, out_off, recv_sizes,
+                                       axis_name=axis)[:, 0]
 
     def send_back(y):
-        back = jax.lax.ragged_all_to_all(y, jnp.zeros((n, d), y.dtype), recv_off, recv_sizes,
+        back = jax.lax.ragged_all_to_all(y, jnp.zeros_like(y, shape=(n, d)), recv_off, recv_sizes,
                                          send_off_at_source(), send_sizes, axis_name=axis)
         return back.at[where].get(mode="fill", fill_value=0)
 

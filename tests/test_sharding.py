@@ -206,6 +206,32 @@ def test_ragged_all_to_all_path_lowers_with_gradients():
     assert "ragged_all_to_all" in text and "all_to_all" in text
 
 
+def test_ragged_exchange_adds_no_all_reduce_to_the_gradient():
+    """The gradient program of the ragged exchange has the all-reduces of the dense one and no
+    more. ragged_all_to_all's result is typed by its output buffer: a buffer of plain zeros made
+    the received rows 'equal on every device', and the backward pass summed their cotangents
+    over the expert and batch axes (wrong gradients on GPU/TPU, and a psum of every [rows, d]
+    buffer per layer; found by the H100 HLO audit, dsv3_jax/aot/audit.py)."""
+    from dsv3_jax.aot import audit
+    from dsv3_jax.model import abstract_model
+    from sharding.expert_parallel import ExpertParallelDispatcher
+    mesh = make_mesh("data=2,expert=4")
+    reduced = {}
+    for collective in ("dense", "ragged"):
+        model = abstract_model(CFG.replace(num_nextn_predict_layers=0), mesh=mesh)
+        for _, mod in nnx.iter_graph(model):
+            if hasattr(mod, "dispatcher"):
+                mod.dispatcher = ExpertParallelDispatcher(mesh, collective=collective)
+        gd, st = nnx.split(model)
+        ids = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+        with jax.set_mesh(mesh):
+            lowered = jax.jit(jax.grad(lambda st, ids: nnx.merge(gd, st)(ids).sum())).lower(st, ids)
+        # the HLO as lowered (XLA:CPU cannot compile ragged-all-to-all; the TPU and H100
+        # compiles of tests/test_aot_targets.py audit the optimized programs)
+        reduced[collective] = audit.audit(lowered.as_text(dialect="hlo"))["collectives"]["all-reduce"]
+    assert reduced["ragged"] == reduced["dense"], reduced
+
+
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
                                 recv_sizes, *, axis_name, axis_index_groups=None):
     """`jax.lax.ragged_all_to_all` per its documented semantics, from `all_to_all` (runs on CPU)."""
