@@ -42,13 +42,21 @@ def usable_cores() -> int:
 
 
 def device_line() -> str:
-    """`CPU <model>, N cores; python X, jax Y, jaxlib Z, flax W`."""
+    """`CPU <model>, N cores; python X, jax Y, jaxlib Z, flax W`, led by the accelerator
+    (`NVIDIA H100 80GB HBM3 x 8 (gpu, compute capability 9.0); host CPU ...`) when JAX has one."""
     import flax
     import jax
     import jaxlib
 
-    return (f"CPU {cpu_model()}, {usable_cores()} cores; python {platform.python_version()}, "
-            f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
+    dev = jax.devices()[0]
+    accelerator = ""
+    if dev.platform != "cpu":
+        cc = getattr(dev, "compute_capability", None)
+        accelerator = (f"{dev.device_kind} x {jax.device_count()} ({dev.platform}"
+                       f"{f', compute capability {cc}' if cc else ''}); host ")
+    return (f"{accelerator}CPU {cpu_model()}, {usable_cores()} cores; python "
+            f"{platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
+            f"flax {flax.__version__}")
 
 
 def command_line() -> str:
