@@ -1,26 +1,30 @@
 #!/usr/bin/env python3
-"""AOT-compile the real train / decode steps at cluster scale and compare with the planner.
+"""AOT-compile the real train / decode / prefill steps at cluster scale with the real compilers.
 
     python benchmarks/aot_scale.py                 # every case below, rewrites SCALE.md's table
-    python benchmarks/aot_scale.py --only v2lite   # cases whose name contains "v2lite"
+    python benchmarks/aot_scale.py --only v3-train # cases whose name contains "v3-train"
     python benchmarks/aot_scale.py --replan        # no compiles: the saved compiler results
                                                    # against the current planner
 
-
-Each case runs `python -m dsv3_jax.aot` in a fresh process with the mesh's number of fake CPU
-devices and an address-space limit far below the model's size (--max-memory-gb), so nothing
-can be materialised. The table between the markers in SCALE.md is replaced; the text around it
-is written by hand. The compiler's results are saved in benchmarks/aot_scale.json (one entry
-per case, replaced when the case runs again).
+Each case runs `python -m dsv3_jax.aot --target ...` in a fresh process: the TPU compiler
+(libtpu, compile-only TPU v5p slices) or XLA:GPU's deviceless compilation for H100 / H200 hosts
+(`pip install -e ".[aot]"`), under an address-space limit far below the model's size
+(--max-memory-gb), so nothing can be materialised. The table between the markers in SCALE.md
+is replaced; the text around it is written by hand. The compiler's results (memory analysis
+and the HLO audit) are saved in benchmarks/aot_scale.json (one entry per case, replaced when
+the case runs again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the planner here; the compiles run in subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,51 +32,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import device_line  # noqa: E402
 from dsv3_jax import aot, plan, plan_cli  # noqa: E402
+from dsv3_jax.aot.targets import Target  # noqa: E402
 
 V2 = "configs/deepseek-v2-lite.json"
 V3 = "configs/deepseek-v3-671b.json"
-# (name, args, address-space limit in GB): V2-Lite is 31 GB in bf16, V3 1.3 TB
+V3_TRAIN = ["--batch", "256", "--seq", "4096", "--accumulate", "4", "--capacity-factor", "1.25"]
+V3_SERVE = ["--seq", "4096", "--serve"]
+# (name, target, args, address-space limit in GB): V2-Lite is 31 GB in bf16, V3 1.3 TB; training
+# in bf16 compute with fp32 master weights and bf16 first moments (train.py's defaults at scale)
 CASES = [
-    ("v2lite-train-64", [V2, "pipeline=2,expert=32", "--batch", "64", "--seq", "256",
-                         "--precision", "fp32"], 10),
-    ("v2lite-train-64-p4", [V2, "pipeline=4,expert=16", "--batch", "64", "--seq", "256",
-                            "--precision", "fp32"], 10),
-    ("v3-train-256-p2-cf", [V3, "pipeline=2,expert=128", "--batch", "256", "--seq", "4096",
-                            "--precision", "fp32", "--capacity-factor", "1.25"], 16),
-    ("v3-train-256-p8-cf", [V3, "pipeline=8,expert=32", "--batch", "256", "--seq", "4096",
-                            "--precision", "fp32", "--capacity-factor", "1.25"], 16),
-    ("v3-train-256-p2-dropless", [V3, "pipeline=2,expert=128", "--batch", "256", "--seq", "1024",
-                                  "--precision", "fp32"], 16),
-    ("v3-decode-16", [V3, "expert=16", "--batch", "64", "--seq", "4096", "--serve"], 16),
-    ("v3-decode-32", [V3, "expert=32", "--batch", "128", "--seq", "4096", "--serve"], 16),
+    ("v2lite-train-v5p-64", "tpu-v5p:4x4x4", [V2, "expert=16,fsdp=4", "--batch", "64", "--seq", "4096"], 24),
+    ("v2lite-train-h100-64", "h100:8x8", [V2, "expert=16,fsdp=4", "--batch", "64", "--seq", "4096"], 24),
+    ("v3-train-h100-256", "h100:32x8", [V3, "expert=64,tensor=4", *V3_TRAIN], 24),
+    ("v3-train-h200-256", "h200:32x8", [V3, "expert=128,tensor=2", *V3_TRAIN], 24),
+    ("v3-train-v5p-256", "tpu-v5p:4x8x8", [V3, "expert=64,tensor=4", *V3_TRAIN], 24),
+    ("v3-decode-h100-32", "h100:4x8", [V3, "expert=32", "--batch", "128", *V3_SERVE], 24),
+    ("v3-decode-h200-16", "h200:2x8", [V3, "expert=16", "--batch", "64", *V3_SERVE], 24),
+    ("v3-decode-v5p-32", "tpu-v5p:2x4x4", [V3, "expert=32", "--batch", "128", *V3_SERVE], 24),
+    ("v3-prefill-h200-16", "h200:2x8", [V3, "expert=16", "--batch", "64", *V3_SERVE,
+                                        "--step", "prefill"], 24),
 ]
 BEGIN, END = "<!-- aot_scale:begin -->", "<!-- aot_scale:end -->"
 RESULTS = ROOT / "benchmarks" / "aot_scale.json"
 
 
-def run_case(args: list[str], limit_gb: float) -> dict:
+def run_case(target: str, args: list[str], limit_gb: float) -> dict:
     config, mesh, *rest = args
-    return aot.run_subprocess(["--config", config, "--mesh", mesh, *rest,
+    return aot.run_subprocess(["--config", config, "--mesh", mesh, "--target", target, *rest,
                                "--max-memory-gb", str(limit_gb)], timeout=3600)
 
 
-def planner(args: list[str]) -> plan.Estimate:
+def planner(args: list[str]) -> plan.Estimate | None:
     """The planner's estimate for a case, computed here (with the current formulas)."""
     ap = argparse.ArgumentParser()
     plan_cli.add_setup_args(ap)
+    ap.add_argument("--step")
     config, mesh, *rest = args
-    return plan.estimate(plan_cli.setup_from_args(ap.parse_args(["--config", config, "--mesh", mesh,
-                                                             *rest])))
+    a = ap.parse_args(["--config", config, "--mesh", mesh, *rest])
+    return None if a.step == "prefill" else plan.estimate(plan_cli.setup_from_args(a))
 
 
-def row(name: str, r: dict, est: plan.Estimate) -> str:
-    p = est.as_dict()
-    ratio = p["total"] / r["total"]
-    fits = lambda b, dev: "fits" if plan.fits(b, plan.DEVICES[dev]) else "no"  # noqa: E731
-    return (f"| {name} | {r['kind']} | {r['mesh']} | {r['lower_s']:.0f} + {r['compile_s']:.0f} | "
-            f"{r['argument'] / 1e9:.1f} + {r['temp'] / 1e9:.1f} = {r['total'] / 1e9:.1f} | "
-            f"{p['total'] / 1e9:.1f} | {ratio:.2f} | {fits(r['total'], 'h100-80g')} / "
-            f"{fits(r['total'], 'h200')} | {r['peak_rss'] / 2**30:.1f} |")
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.1f}"
+
+
+def row(name: str, target: str, r: dict, est: plan.Estimate | None) -> str:
+    name_, _, topology = target.partition(":")
+    dev = plan.DEVICES[Target(name_, topology).planner_device]
+    total = r["total"]
+    p = f"{_gb(est.total)} | {est.total / total:.2f}" if est else "- | -"
+    coll = r["audit"]["collectives"]
+    sent = sum(c["bytes"] for c in coll.values())
+    ragged = coll["ragged-all-to-all"]
+    lg = r["audit"]["largest_all_gather"]
+    return (f"| {name} | {r['kind']} | {r['mesh']} | {target} | {r['lower_s']:.0f} + {r['compile_s']:.0f} | "
+            f"{_gb(r['argument'])} + {_gb(r['temp'])} = {_gb(total)} | {p} | "
+            f"{'fits' if plan.fits(total, dev) else 'no'} | {_gb(sent)} | "
+            f"{ragged['count']} ({ragged['asynchronous']} async) | {lg.get('bytes', 0) / 1e9:.2f} | "
+            f"{r['peak_rss'] / 2**30:.1f} |")
 
 
 def main() -> int:
@@ -83,14 +100,16 @@ def main() -> int:
                     help="compile nothing: the saved results against the current planner")
     args = ap.parse_args()
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    lines = ["| case | step | mesh | lower + compile s | compiler GB/device (args + temp = total) "
-             "| planner GB/device | planner / compiler | 80 GB / 141 GB (compiler) | host RSS GiB |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|"]
-    for name, case_args, limit in CASES:
+    lines = ["| case | step | mesh | target | lower + compile s | compiler GB/device (args + temp = total) "
+             "| planner GB/device | planner / compiler | fits the target (compiler) "
+             "| collectives GB sent/device/step | ragged all-to-alls | largest all-gather GB "
+             "| host RSS GiB |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for name, target, case_args, limit in CASES:
         t0 = time.perf_counter()
         if args.only in name and not args.replan:
             try:
-                r = run_case(case_args, limit)
+                r = run_case(target, case_args, limit)
             except RuntimeError as e:
                 print(f"{name}: FAILED\n{e}", file=sys.stderr)
                 lines.append(f"| {name} | failed: {str(e).splitlines()[-1][:80]} |")
@@ -100,7 +119,7 @@ def main() -> int:
             RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
             print(f"{name}: {time.perf_counter() - t0:.0f} s; {r['setup']}", flush=True)
         if name in saved:  # every case with a result, run now or before
-            lines.append(row(name, saved[name], planner(case_args)))
+            lines.append(row(name, target, saved[name], planner(case_args)))
     table = "\n".join(lines)
     print(table)
     if args.no_write:
@@ -109,8 +128,8 @@ def main() -> int:
     text = path.read_text()
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    when = sorted({saved[n]["measured"] for n, _, _ in CASES if n in saved})
-    stamp = f"Measured {'; '.join(when)}.\n\n"
+    when = sorted({saved[n]["measured"] for n, _, _, _ in CASES if n in saved})
+    stamp = f"Compiled {'; '.join(when)}.\n\n"
     path.write_text(f"{head}{BEGIN}\n{stamp}{table}\n{END}{tail}")
     return 0
 

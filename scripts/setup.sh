@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with Python >= 3.12 and install dsv3-jax (editable) with its test extra.
-# Re-running is cheap: the install is skipped while pyproject.toml is unchanged.
+# DSV3_EXTRAS picks the extras (default "test"; CI uses "test,aot": the TPU and GPU compilers
+# for the AOT tests). Re-running is cheap: the install is skipped while pyproject.toml and the
+# extras are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,10 +33,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 
+extras=${DSV3_EXTRAS:-test}
 stamp=.venv/.dsv3-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "setup: installing dsv3-jax and its dependencies into .venv (first run: a few minutes)"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
+    echo "setup: installing dsv3-jax[$extras] and its dependencies into .venv (first run: a few minutes)"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[test]"
-    touch "$stamp"
+    .venv/bin/python -m pip install --quiet -e ".[$extras]"
+    echo "$extras" > "$stamp"
 fi

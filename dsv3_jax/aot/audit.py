@@ -225,8 +225,10 @@ def _matmul(inst: Instruction, types: dict[str, str]) -> tuple[str, float | None
     (ld, ls), (rd, _) = ops[0][0], ops[1][0]
     key = f"{ld} x {rd}"
     out = arrays(inst.type)
-    if not out or op == "convolution":
+    if not out:
         return key, None
+    if op == "convolution":
+        return key, _conv_flops(inst.attrs, ls, ops[1][0][1], out[0][1])
     if op == "custom-call":
         cfg = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attrs)
         contracting = [int(x) for x in re.findall(r"\d+", cfg.group(1))] if cfg else []
@@ -234,6 +236,35 @@ def _matmul(inst: Instruction, types: dict[str, str]) -> tuple[str, float | None
         contracting = _dims(inst.attrs, "lhs_contracting_dims")
     k = math.prod(ls[i] for i in contracting if i < len(ls))
     return key, 2.0 * math.prod(out[0][1]) * k
+
+
+def _conv_flops(attrs: str, lhs, rhs, out) -> float | None:
+    """FLOPs of a convolution, the TPU compiler's form of a dot (batch dims become windows with
+    lhs dilation): 2 x output elements x the kernel's input features x the window taps that
+    land on real (not dilated or padded) input, per output position."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not m:
+        return None
+    lhs_l, rhs_l, out_l = m.groups()
+    spatial = sorted(c for c in out_l if c.isdigit())
+    w = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(re.findall(r"(\w+)=(\S+)", w.group(1))) if w else {}
+
+    def per_dim(name, default):
+        v = fields.get(name)
+        return [default] * len(spatial) if v is None else v.split("x")
+
+    size, stride = per_dim("size", "1"), per_dim("stride", "1")
+    pad, lhs_dil, rhs_dil = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")
+    taps = 1
+    for i, d in enumerate(spatial):
+        n_in, n_out = lhs[lhs_l.index(d)], out[out_l.index(d)]
+        lo = int(pad[i].split("_")[0])
+        k, st, ld, rd = int(size[i]), int(stride[i]), int(lhs_dil[i]), int(rhs_dil[i])
+        taps *= sum(1 for o in range(n_out) for t in range(k)
+                    if (p := o * st + t * rd - lo) >= 0 and p % ld == 0 and p // ld < n_in)
+    others = math.prod(n for c, n in zip(out_l, out) if not c.isdigit())
+    return 2.0 * others * taps * rhs[rhs_l.index("i")]
 
 
 def audit(hlo_text: str, cost: dict | None = None) -> dict:
