@@ -24,6 +24,11 @@ E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128
 _MIN_AMAX = 1e-4  # s = max(amax, 1e-4) / 448: an all-zero tile gets a finite scale
+# Gradients get a floor of their own: with a mean-over-tokens loss at millions of tokens per
+# step, a gradient tile's amax is far below 1e-4, and the activations' floor would quantize it
+# toward zero (42% error at 3e-10). 2^-100 keeps every scale a normal fp32 number (and x / s
+# <= 448), so the floor only ever applies to all-zero tiles.
+_MIN_AMAX_GRAD = 2.0**-100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +78,15 @@ def _cast_e4m3(x: jax.Array) -> jax.Array:
     return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
-def quantize_tiles(x: Float[Array, "m k"], tile: int = BLOCK):
+def quantize_tiles(x: Float[Array, "m k"], tile: int = BLOCK, floor: float = _MIN_AMAX):
     """Per-row 1 x `tile` quantization along the last axis (K padded to a multiple of `tile`).
 
-    Returns (q [m, Kp] e4m3, scale [m, Kp / tile] fp32) with x ~= q * scale[tile]."""
+    Returns (q [m, Kp] e4m3, scale [m, Kp / tile] fp32) with x ~= q * scale[tile]; `floor`
+    bounds the amax from below (activations 1e-4 as in DeepSeek's kernel, gradients 2^-100)."""
     x = _pad_to(x.astype(jnp.float32), 1, tile)
     m, k = x.shape
     t = x.reshape(m, k // tile, tile)
-    scale = jnp.maximum(jnp.max(jnp.abs(t), axis=-1), _MIN_AMAX) / E4M3_MAX
+    scale = jnp.maximum(jnp.max(jnp.abs(t), axis=-1), floor) / E4M3_MAX
     return _cast_e4m3(t / scale[..., None]).reshape(m, k), scale
 
 
@@ -106,12 +112,18 @@ def _scaled_dot(qa: jax.Array, sa: jax.Array, qb: jax.Array, sb: jax.Array, tile
     a = qa.reshape(m, kb, tile).transpose(1, 0, 2)
     b = qb.reshape(kb, tile, n)
 
-    def body(acc, args):
-        ai, bi, sai, sbi = args
-        p = jax.lax.dot(ai, bi, preferred_element_type=jnp.float32)
-        return acc + p * sai[:, None] * sbi[None, :], None
+    def block(ai, bi, sai, sbi):
+        return jax.lax.dot(ai, bi, preferred_element_type=jnp.float32) * sai[:, None] * sbi[None, :]
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), (a, b, sa.T, sb))
+    def body(acc, args):
+        return acc + block(*args), None
+
+    # The first block's product starts the sum: inside shard_map it varies over the mesh axes
+    # of both operands, which a jnp.zeros carry would not (scan needs equal carry types).
+    blocks = (a, b, sa.T, sb)
+    acc = block(*(x[0] for x in blocks))
+    if kb > 1:
+        acc, _ = jax.lax.scan(body, acc, tuple(x[1:] for x in blocks))
     return acc
 
 
@@ -132,7 +144,7 @@ def _dgrad(dy2: jax.Array, qw: QuantizedWeight) -> jax.Array:
     """dy @ w^T: dy in 1 x block_n tiles along N, the weight's blocks transposed."""
     k, n = qw.shape
     tk, tn = qw.block
-    qdy, sdy = quantize_tiles(dy2, tn)
+    qdy, sdy = quantize_tiles(dy2, tn, _MIN_AMAX_GRAD)
     qwt = _pad_to(qw.q.T, 0, tn)
     return _scaled_dot(qdy, sdy, qwt, _expand_cols(qw.scale.T, tk, k), tn)
 
@@ -140,7 +152,7 @@ def _dgrad(dy2: jax.Array, qw: QuantizedWeight) -> jax.Array:
 def _wgrad(x2: jax.Array, dy2: jax.Array, tile: int = BLOCK) -> jax.Array:
     """x^T @ dy: both in `tile`-token tiles (1 x tile tiles of x^T and of dy^T)."""
     qxt, sxt = quantize_tiles(x2.T, tile)     # [k, Mp], [k, Mb]
-    qdyt, sdyt = quantize_tiles(dy2.T, tile)  # [n, Mp], [n, Mb]
+    qdyt, sdyt = quantize_tiles(dy2.T, tile, _MIN_AMAX_GRAD)  # [n, Mp], [n, Mb]
     return _scaled_dot(qxt, sxt, qdyt.T, sdyt.T, tile)
 
 
