@@ -4,7 +4,11 @@
 HF tensor, the parameter it fills, the index into that parameter (layer of a stack, expert of
 a layer) and how many leading dims of our slice form the matmul input (HF stores [out, in];
 we store [in..., out...]). Loading reads tensor by tensor from memory maps and fills one
-parameter at a time; FP8 block-quantized weights are dequantized with their `weight_scale_inv`.
+parameter at a time, each device (process) reading only the tensors its shards touch, and of
+those only its own part (FP8 tensors it dequantizes: whole, then sliced). FP8 block-quantized
+weights are dequantized with their `weight_scale_inv`, or kept as stored (`precision="fp8"`:
+e4m3 values and block scales, split over a mesh at block boundaries). Saving writes bf16 /
+fp32, and FP8 weights kept as stored back in the official FP8 layout.
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.layers.linear import Precision, as_precision
 from dsv3_jax.model import Transformer, abstract_model
 from dsv3_jax.safetensors_io import CheckpointError, CheckpointReader
-from sharding.rules import variable_sharding
+from sharding.rules import quantized_specs, variable_sharding
 
 __all__ = ["CheckpointError", "key_map", "load_hf", "save_hf"]
 
 # Keys some checkpoints carry that hold nothing we need.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +146,10 @@ def _scale_inv(reader: CheckpointReader, cfg: ModelConfig, key: str, shape: tupl
 
 
 def _read(reader: CheckpointReader, cfg: ModelConfig, e: Entry, slice_shape: tuple,
-          dtype: np.dtype, part: str = "value") -> np.ndarray:
-    """One tensor in our layout: dequantized ("value"), raw e4m3 ("q") or its block scales
-    transposed to our [in, out] orientation ("scale")."""
+          dtype: np.dtype, part: str = "value", index: tuple = ()) -> np.ndarray:
+    """One tensor in our layout, or its part `index`: dequantized ("value"), raw e4m3 ("q") or
+    its block scales transposed to our [in, out] orientation ("scale"). Raw and unquantized
+    tensors are sliced on the memory map before they are converted, so only that part is read."""
     key = e.hf_key
     want = _hf_shape(slice_shape, e.n_in)
     if reader.shape(key) != want:
@@ -150,13 +157,11 @@ def _read(reader: CheckpointReader, cfg: ModelConfig, e: Entry, slice_shape: tup
                               f"expected {list(want)} for this config")
     t = reader.get(key)
     if part == "scale":
-        return np.asarray(_scale_inv(reader, cfg, key, t.shape), np.float32).T
-    if part == "value" and t.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+        return np.asarray(_scale_inv(reader, cfg, key, t.shape).T[index], np.float32)
+    if part == "value" and t.dtype == E4M3:
         t = dequantize_fp8(t, _scale_inv(reader, cfg, key, t.shape), cfg.fp8_block_size or (128, 128))
-    t = np.asarray(t).astype(dtype)
-    if e.n_in:
-        t = t.T
-    return t.reshape(slice_shape)
+    t = t.T.reshape(slice_shape) if e.n_in else t.reshape(slice_shape)  # views of the map
+    return np.asarray(t[index]).astype(dtype)
 
 
 def _check_keys(reader: CheckpointReader, cfg: ModelConfig, entries: list[Entry], path) -> None:
@@ -197,29 +202,42 @@ def _block_reader(reader: CheckpointReader, cfg: ModelConfig, group: list[Entry]
         for e in group:
             if all(i in r for i, r in zip(e.index, lead)):
                 where = tuple(r.index(i) for i, r in zip(e.index, lead))
-                out[where] = _read(reader, cfg, e, weight_slice or shape[n_lead:], dtype, part)[rest]
+                out[where] = _read(reader, cfg, e, weight_slice or shape[n_lead:], dtype, part, rest)
         return out
 
     return block
 
 
-E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-
-
-def _stored_fp8(reader, cfg, group: list[Entry], shape: tuple, sharding) -> QuantizedWeight:
-    """A parameter kept as the checkpoint stores it: e4m3 values in our layout + block scales."""
+def _stored_layout(cfg: ModelConfig, group: list[Entry], shape: tuple):
+    """(scale shape, block) of a parameter kept as stored, in our [in, out] orientation."""
     n_lead, n_in = len(group[0].index), group[0].n_in
-    slice_shape = shape[n_lead:]
-    hf_out, hf_in = _hf_shape(slice_shape, n_in)
+    hf_out, hf_in = _hf_shape(shape[n_lead:], n_in)
     b0, b1 = cfg.fp8_block_size
-    scale_slice = (-(-hf_in // b1), -(-hf_out // b0))
-    q = jax.make_array_from_callback(shape, sharding,
+    return shape[:n_lead] + (-(-hf_in // b1), -(-hf_out // b0)), (b1, b0)
+
+
+def _stored_shardings(cfg: ModelConfig, var, group: list[Entry], shape: tuple, mesh, name: str):
+    """(values, scales) NamedShardings of a parameter kept as stored (sharding/rules.py:
+    whole blocks per device; BlockAlignmentError when a required split cannot keep them)."""
+    scale_shape, block = _stored_layout(cfg, group, shape)
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+    q_spec, s_spec = quantized_specs(axes, shape, scale_shape, block, mesh, n_in=group[0].n_in,
+                                     name=name)
+    return NamedSharding(mesh, q_spec), NamedSharding(mesh, s_spec)
+
+
+def _stored_fp8(reader, cfg, group: list[Entry], shape: tuple, shardings) -> QuantizedWeight:
+    """A parameter kept as the checkpoint stores it: e4m3 values in our layout + block scales,
+    each device reading only its own blocks of both."""
+    scale_shape, block = _stored_layout(cfg, group, shape)
+    q_sharding, scale_sharding = shardings
+    q = jax.make_array_from_callback(shape, q_sharding,
                                      _block_reader(reader, cfg, group, shape, E4M3, "q"))
-    scale_shape = shape[:n_lead] + scale_slice
     scale = jax.make_array_from_callback(
-        scale_shape, sharding,
-        _block_reader(reader, cfg, group, scale_shape, np.dtype(np.float32), "scale", slice_shape))
-    return QuantizedWeight(q=q, scale=scale, block=(b1, b0))
+        scale_shape, scale_sharding,
+        _block_reader(reader, cfg, group, scale_shape, np.dtype(np.float32), "scale",
+                      shape[len(group[0].index):]))
+    return QuantizedWeight(q=q, scale=scale, block=block)
 
 
 def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
@@ -232,7 +250,9 @@ def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None
     the stored one (default: the compute dtype); the routing bias stays fp32. `mtp=False` skips the MTP layer. With a `mesh` (sharding.make_mesh) each
     parameter is placed by the logical-axis rules as it is read, each device reading only its
     own shard's tensors, and MoE layers dispatch expert-parallel (`capacity_factor` None:
-    dropless).
+    dropless). FP8 weights kept as stored are split at block boundaries, values and scales
+    alike (sharding/rules.py `quantized_specs`); a split the expert-parallel MoE needs but the
+    blocks do not allow fails before anything is read (`BlockAlignmentError`).
     """
     path = Path(path)
     cfg = ModelConfig.from_json(path)
@@ -249,40 +269,52 @@ def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None
         by_path[e.path].append(e)
 
     keep_fp8 = as_precision(dtype).fp8 and cfg.fp8_block_size is not None
-    if keep_fp8 and mesh is not None:
-        raise NotImplementedError("precision='fp8' keeps an FP8 checkpoint's weights as stored, "
-                                  "which is single-device for now; pass precision='bf16' with a mesh")
     model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                            capacity_factor=capacity_factor)
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    plan = []  # every parameter's tensors and shardings, checked before anything is read
     for var_path, var in nnx.to_flat_state(nnx.state(model)):
+        name = ".".join(map(str, var_path))
         group = by_path.pop(tuple(var_path), None)
         if group is None:
-            raise CheckpointError(f"no checkpoint tensor fills parameter {'.'.join(map(str, var_path))}")
-        shape, np_dtype = tuple(var.shape), np.dtype(var.dtype)
+            raise CheckpointError(f"no checkpoint tensor fills parameter {name}")
+        shape = tuple(var.shape)
         lead = math.prod(shape[:len(group[0].index)])
         if len(group) != lead:
             raise CheckpointError(f"parameter {var_path} is only partly filled by the checkpoint")
-        if keep_fp8 and group[0].n_in and all(reader.dtype(e.hf_key) == E4M3 for e in group):
-            var.set_value(_stored_fp8(reader, cfg, group, shape, single))
-            continue
-        sharding = variable_sharding(var, mesh) if mesh is not None else single
-        var.set_value(jax.make_array_from_callback(
-            shape, sharding, _block_reader(reader, cfg, group, shape, np_dtype)))
+        stored = keep_fp8 and group[0].n_in and all(reader.dtype(e.hf_key) == E4M3 for e in group)
+        if stored:
+            sharding = ((single, single) if mesh is None
+                        else _stored_shardings(cfg, var, group, shape, mesh, name))
+        else:
+            sharding = variable_sharding(var, mesh) if mesh is not None else single
+        plan.append((var, group, shape, stored, sharding))
     if by_path:
         raise CheckpointError(f"key map names parameters the model lacks: {list(by_path)[:5]}")
+    for var, group, shape, stored, sharding in plan:
+        if stored:
+            var.set_value(_stored_fp8(reader, cfg, group, shape, sharding))
+        else:
+            var.set_value(jax.make_array_from_callback(
+                shape, sharding, _block_reader(reader, cfg, group, shape, np.dtype(var.dtype))))
     return model
 
 
-def _params_by_path(model: Transformer) -> dict[tuple, jax.Array]:
-    out = {}
-    for p, v in nnx.to_flat_state(nnx.state(model)):
-        if isinstance(v.get_value(), QuantizedWeight):
-            raise ValueError(f"parameter {'.'.join(map(str, p))} holds FP8 weights as stored "
-                             "(precision='fp8' on an FP8 checkpoint); load with precision='bf16' "
-                             "or 'fp32' to save a converted checkpoint")
-        out[tuple(p)] = v.get_value()
-    return out
+def _params_by_path(model: Transformer) -> dict[tuple, jax.Array | QuantizedWeight]:
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _fp8_config(cfg: ModelConfig, quantized: dict) -> dict:
+    """The quantization_config of a checkpoint holding `quantized` ({path: QuantizedWeight})."""
+    blocks = {qw.block for qw in quantized.values()}
+    if len(blocks) > 1:
+        raise ValueError(f"FP8 weights held in different block sizes {sorted(blocks)}: a "
+                         "checkpoint has one weight_block_size; save with dtype=jnp.bfloat16")
+    bk, bn = blocks.pop()
+    conf = dict(cfg.quantization_config or {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                            "quant_method": "fp8"})
+    conf["weight_block_size"] = [bn, bk]  # HF [out, in] orientation
+    return conf
 
 
 def save_hf(model: Transformer, path: str | Path, *, dtype=None,
@@ -290,36 +322,72 @@ def save_hf(model: Transformer, path: str | Path, *, dtype=None,
     """Write `model` as a HF checkpoint folder: config.json, per-expert keys, sharded files.
 
     `dtype` (bf16 or fp32) defaults to each parameter's own; the routing bias stays fp32.
-    Files are written to a temporary folder first and moved into place at the end, so a
-    failed save leaves an existing checkpoint at `path` untouched.
+    FP8 weights kept as stored (`QuantizedWeight`, from `precision="fp8"` on an FP8 checkpoint)
+    are written as the official FP8 checkpoints hold them: float8_e4m3fn values [out, in] and a
+    float32 `weight_scale_inv` [ceil(out / b0), ceil(in / b1)], with the `quantization_config`,
+    byte for byte what was loaded; with a `dtype` they are dequantized to it instead. Sharded
+    models are gathered tensor by tensor. Files are written to a temporary folder first and
+    moved into place at the end, so a failed save leaves an existing checkpoint at `path`
+    untouched.
     """
     from safetensors.numpy import save_file
 
-    cfg = model.cfg.replace(quantization_config=None)
     path = Path(path)
     params = _params_by_path(model)
+    quantized = {p: v for p, v in params.items() if isinstance(v, QuantizedWeight)}
+    fp8 = bool(quantized) and dtype is None
+    cfg = model.cfg.replace(quantization_config=_fp8_config(model.cfg, quantized) if fp8 else None)
     entries = key_map(cfg)
     copies = _mtp_copies(cfg)
     by_key = {e.hf_key: e for e in entries}
 
+    def part(e: Entry, v):
+        return v[e.index] if e.index else v
+
+    def to_hf(e: Entry, v: np.ndarray) -> np.ndarray:  # [in..., out...] -> [out, in]
+        return v.reshape(math.prod(v.shape[:e.n_in]), -1).T if e.n_in else v
+
+    scales = {_scale_key(e.hf_key): e for e in entries if fp8 and e.path in quantized}
+
     def tensor(key: str) -> np.ndarray:
+        if key in scales:
+            e = scales[key]
+            return np.ascontiguousarray(np.asarray(part(e, params[e.path].scale), np.float32).T)
         e = by_key[copies.get(key, key)]
-        v = np.asarray(params[e.path][e.index] if e.index else params[e.path])
-        if e.n_in:
-            v = v.reshape(math.prod(v.shape[:e.n_in]), -1).T
+        v = params[e.path]
+        if isinstance(v, QuantizedWeight):
+            q = part(e, v.q)
+            if fp8:
+                return np.ascontiguousarray(to_hf(e, np.asarray(q)))
+            k = math.prod(q.shape[:e.n_in])
+            v = QuantizedWeight(q.reshape(k, -1), part(e, v.scale), v.block).dequantize().reshape(q.shape)
+        else:
+            v = part(e, v)
+        v = to_hf(e, np.asarray(v))
         if dtype is not None and not e.hf_key.endswith("e_score_correction_bias"):
             v = v.astype(dtype)
         return np.ascontiguousarray(v)
 
-    keys = [e.hf_key for e in entries]
+    keys = []
+    for e in entries:
+        keys.append(e.hf_key)
+        if _scale_key(e.hf_key) in scales:
+            keys.append(_scale_key(e.hf_key))
     for k in range(cfg.num_nextn_predict_layers):  # the official layout repeats these
         p = f"model.layers.{cfg.num_hidden_layers + k}."
         keys += [p + "embed_tokens.weight", p + "shared_head.head.weight"]
 
     def nbytes(key):
+        if key in scales:
+            e = scales[key]
+            return math.prod(params[e.path].scale.shape[len(e.index):]) * 4
         e = by_key[copies.get(key, key)]
-        shape = params[e.path].shape[len(e.index):]
-        itemsize = np.dtype(dtype or params[e.path].dtype).itemsize
+        v = params[e.path]
+        shape = v.shape[len(e.index):]
+        if isinstance(v, QuantizedWeight):  # without fp8, a dtype was given
+            itemsize = 1 if fp8 else np.dtype(dtype).itemsize
+        else:
+            itemsize = np.dtype(dtype or v.dtype).itemsize
         if e.hf_key.endswith("e_score_correction_bias"):
             itemsize = 4
         return math.prod(shape) * itemsize

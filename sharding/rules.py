@@ -7,6 +7,12 @@ is a change to `RULES` or to the mesh spec, never to a layer.
 Resolution per array: each logical axis maps to a tuple of mesh axes; a mesh axis is used at
 most once per array (first dimension wins), axes of size 1 are dropped, and axes whose product
 does not divide the dimension are dropped from the right until it does.
+
+Block-quantized weights (FP8 `QuantizedWeight`: e4m3 values + one scale per block) follow the
+same table with one more condition: a shard must hold whole blocks, so each device's values and
+scales cover the same blocks (`quantized_specs`). An axis that would cut blocks is dropped like
+one that does not divide; where a shard_map needs the split (`REQUIRED_SPLITS`), that is an
+error naming the weight, the mesh axis and the block size.
 """
 
 from __future__ import annotations
@@ -61,29 +67,128 @@ def active_rules() -> dict[str, tuple[str, ...]]:
     return _active_rules.get()
 
 
-def logical_to_spec(axes, shape, mesh) -> P:
-    """PartitionSpec for an array of `shape` whose dims carry the logical `axes`."""
+def _splits(dim: int, parts: int, unit: int) -> bool:
+    """Whether `dim` splits into `parts` equal shards of a whole number of `unit`s."""
+    return dim % parts == 0 and (dim // parts) % unit == 0
+
+
+def logical_to_spec(axes, shape, mesh, units=None) -> P:
+    """PartitionSpec for an array of `shape` whose dims carry the logical `axes`.
+
+    `units` (one per dim, default 1): a dim is only split into shards that are whole multiples
+    of its unit (block-quantized weights: whole blocks)."""
     rules = _active_rules.get()
+    units = units or (1,) * len(shape)
     used: set[str] = set()
     spec = []
-    for name, dim in zip(axes, shape):
+    for name, dim, unit in zip(axes, shape, units):
         if name is None:
             spec.append(None)
             continue
         if name not in rules:
             raise KeyError(f"logical axis {name!r} has no entry in sharding.rules.RULES")
         mesh_axes = [a for a in rules[name] if a in mesh.shape and mesh.shape[a] > 1 and a not in used]
-        while mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes):
+        while mesh_axes and not _splits(dim, math.prod(mesh.shape[a] for a in mesh_axes), unit):
             mesh_axes.pop()
         used.update(mesh_axes)
         spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
     return P(*spec)
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
-    """Where a parameter (or other variable) lives, from its `logical_axes` metadata."""
+def variable_sharding(var: nnx.Variable, mesh: Mesh):
+    """Where a parameter (or other variable) lives, from its `logical_axes` metadata.
+
+    A variable holding a `QuantizedWeight` gets a `QuantizedWeight` of two NamedShardings
+    (values, scales; see `quantized_specs`)."""
+    from dsv3_jax.fp8 import QuantizedWeight  # here: the dsv3_jax package imports this module
+
     axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    value = var.get_value()
+    if isinstance(value, QuantizedWeight):
+        q_spec, s_spec = quantized_specs(axes, value.q.shape, value.scale.shape, value.block, mesh)
+        return QuantizedWeight(NamedSharding(mesh, q_spec), NamedSharding(mesh, s_spec), value.block)
     return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh))
+
+
+class BlockAlignmentError(ValueError):
+    """A block-quantized weight cannot be split where it must be without cutting its blocks."""
+
+
+# Logical axes a shard_map takes split exactly as this table says: the expert-parallel
+# dispatcher (sharding/expert_parallel.py) runs each device's experts on its own [experts,
+# embed, expert_mlp / tensor] slice and sums the tensor shards' partial products. Replicating
+# such a dim instead would be wrong, so a block-quantized weight that cannot be split there at
+# block boundaries is an error (others fall back to fewer mesh axes, like any dim that does not
+# divide).
+REQUIRED_SPLITS = ("experts", "expert_mlp")
+
+
+def _in_dims(q_shape, scale_shape, block) -> int:
+    """How many of a quantized weight's matmul dims form its input (K) side: the split of
+    q's dims after the leading (layer, expert) ones whose products the scales' grid covers."""
+    lead = len(scale_shape) - 2
+    dims = q_shape[lead:]
+    fits = [n for n in range(1, len(dims))
+            if -(-math.prod(dims[:n]) // block[0]) == scale_shape[-2]
+            and -(-math.prod(dims[n:]) // block[1]) == scale_shape[-1]]
+    if len(fits) != 1:
+        raise ValueError(f"block scales {tuple(scale_shape)} do not fit values {tuple(q_shape)} "
+                         f"in {tuple(block)} blocks in exactly one way (input dims: {fits})")
+    return fits[0]
+
+
+def _block_units(q_shape, lead: int, n_in: int, block) -> list[int]:
+    """Per dim of q, the shard granularity that keeps whole blocks: 1 for leading dims; for the
+    first dim of the input (output) group, what makes (dim / parts) * (the group's other dims)
+    a multiple of the block; the group's other dims cannot be split into contiguous blocks at
+    all (a unit larger than the dim)."""
+    units = [1] * lead
+    for dims, b in ((q_shape[lead:lead + n_in], block[0]), (q_shape[lead + n_in:], block[1])):
+        rest = math.prod(dims[1:])
+        units.append(b // math.gcd(b, rest))
+        units += [d + 1 for d in dims[1:]]
+    return units
+
+
+def quantized_specs(axes, q_shape, scale_shape, block, mesh, *, n_in: int | None = None,
+                    name: str = "") -> tuple[P, P]:
+    """(values, scales) PartitionSpecs of a block-quantized weight by the logical-axis rules.
+
+    `q_shape` is [lead..., in..., out...] (lead: layer / expert stacks), the scales
+    [lead..., ceil(K / block[0]), ceil(N / block[1])] with K, N the products of the input and
+    output dims (`n_in` of them input; inferred from the shapes when None). Values take the
+    table's split restricted to whole blocks; the scales take the same mesh axes on the leading
+    dims and, on their K (N) dim, those of the first input (output) dim, so every device's
+    values and scales cover the same blocks. Raises BlockAlignmentError (naming `name`) when a
+    dim in `REQUIRED_SPLITS` cannot be split at block boundaries."""
+    lead = len(scale_shape) - 2
+    n_in = n_in or _in_dims(q_shape, scale_shape, block)
+    units = _block_units(q_shape, lead, n_in, block)
+    q_spec = logical_to_spec(axes, q_shape, mesh, units)
+    _check_required(axes, q_shape, units, q_spec, mesh, block, lead, n_in, name)
+    q_parts = tuple(q_spec) + (None,) * (len(q_shape) - len(q_spec))
+    s_spec = P(*q_parts[:lead], q_parts[lead], q_parts[lead + n_in])
+    return q_spec, s_spec
+
+
+def _check_required(axes, shape, units, spec, mesh, block, lead, n_in, name) -> None:
+    plain = logical_to_spec(axes, shape, mesh)
+    for i, (axis, dim, unit) in enumerate(zip(axes, shape, units)):
+        want = plain[i] if i < len(plain) else None
+        got = spec[i] if i < len(spec) else None
+        if axis not in REQUIRED_SPLITS or want == got:
+            continue
+        mesh_axes = (want,) if isinstance(want, str) else tuple(want)
+        parts = math.prod(mesh.shape[a] for a in mesh_axes)
+        b = block[0] if i < lead + n_in else block[1]
+        ok = [1] + [m for m in range(2, dim + 1) if _splits(dim, m, unit)]  # 1: not split
+        raise BlockAlignmentError(
+            f"{name or 'a block-quantized weight'}: its {axis} dimension of {dim} split over mesh "
+            f"axis {'x'.join(mesh_axes)} ({parts}) gives shards of {dim // parts}, which cut its "
+            f"FP8 blocks of {b} (each device's values must cover whole blocks of its scales); "
+            f"the expert-parallel MoE needs this split. Sizes that would work for "
+            f"{'x'.join(mesh_axes)}: {', '.join(map(str, ok))}; or load with precision='bf16' "
+            "(dequantized)")
 
 
 def state_shardings(state: nnx.State, mesh: Mesh):

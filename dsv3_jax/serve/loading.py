@@ -92,8 +92,9 @@ def load_for_serving(path: str | Path, *, dtype: str = "bf16", mesh=None, precis
 
     `dtype` ("fp32", "bf16") is the compute and parameter dtype; `precision` ("fp32", "bf16",
     "fp8") overrides it, "fp8" keeping an FP8 checkpoint's block-quantized weights as stored
-    (single-device only). With a `mesh` (sharding.make_mesh) parameters are sharded by the
-    logical-axis rules and MoE layers dispatch expert-parallel.
+    (e4m3 values + block scales). With a `mesh` (sharding.make_mesh) parameters are sharded by
+    the logical-axis rules (FP8 ones at block boundaries, values and scales alike) and MoE layers
+    dispatch expert-parallel.
     """
     path = Path(path).expanduser()
     precision = precision or dtype
