@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.layers import grouped_matmul as gm
 from dsv3_jax.layers.moe import expert_ffn
 from sharding.mesh import platform as mesh_platform
-from sharding.rules import batch_axes
+from sharding.rules import BlockAlignmentError, batch_axes
 
 
 def _offsets(sizes: jax.Array) -> jax.Array:
@@ -81,6 +82,7 @@ class ExpertParallelDispatcher:
         e_local = num_experts // ep
         precision = routed.precision
         exchange = _exchange_ragged if self._ragged() else _exchange_dense
+        _check_blocks(routed.weights, mesh.shape[tp_axis], tp_axis)
 
         def local(x, experts, w_gate, w_up, w_down):
             d = x.shape[-1]
@@ -92,9 +94,12 @@ class ExpertParallelDispatcher:
             recv_x, recv_e, send_back = exchange(rows, local_e, dest, pos, keep, ep, cap, ep_axis)
             valid = recv_e >= 0
             layout = gm.make_layout(jnp.where(valid, recv_e, 0), e_local, valid=valid)
+            # the tensor shards' partial products of the down projection are summed in fp32,
+            # then rounded once, as the single-device product is (bf16 partial sums differed by
+            # an ulp, which FP8's activation quantization can amplify into different tokens)
             y = expert_ffn((w_gate, w_up, w_down), gm.scatter_rows(recv_x, layout), layout,
-                           precision)
-            y = jax.lax.psum(gm.gather_rows(y, layout), tp_axis)  # tensor-split FFN partial sums
+                           precision, out_dtype=jnp.float32)
+            y = jax.lax.psum(gm.gather_rows(y, layout), tp_axis).astype(precision.dtype)
             out = jnp.where(keep[:, None], send_back(y), 0)
             counts = jax.lax.psum(jnp.zeros((num_experts,), jnp.int32).at[flat].add(1), bax)
             dropped = jax.lax.psum(jnp.sum(~keep).astype(jnp.int32), bax)
@@ -108,6 +113,21 @@ class ExpertParallelDispatcher:
             out_specs=(P(bax, None, None), P(), P()),
             check_vma=True)
         return fn(x, experts, *routed.weights)
+
+
+def _check_blocks(weights, tp: int, tp_axis: str) -> None:
+    """FP8 experts kept as stored (e4m3 values + block scales) are split over the tensor axis
+    along their FFN width below, values and scales alike: the shards must hold whole blocks or
+    a device's values would be scaled by another device's scales."""
+    for name, w, dim in zip(("gate_proj", "up_proj", "down_proj"), weights, (-1, -1, -2)):
+        if not isinstance(w, QuantizedWeight) or tp == 1:
+            continue
+        width, block = w.q.shape[dim], w.block[dim]
+        if width % tp or (width // tp) % block:
+            raise BlockAlignmentError(
+                f"routed experts' {name}: an FFN width of {width} split over mesh axis {tp_axis} "
+                f"({tp}) cuts its FP8 blocks of {block}; use a {tp_axis} axis whose shards hold "
+                "whole blocks, or load with precision='bf16' (dequantized)")
 
 
 def _exchange_dense(rows, local_e, dest, pos, keep, ep, cap, axis):

@@ -93,23 +93,28 @@ def gather_rows(buf: Float[Array, "size d"], layout: GroupedLayout) -> Float[Arr
 
 
 def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"], layout: GroupedLayout,
-                   dtype, fp8: bool = False) -> Float[Array, "size n"]:
+                   dtype, fp8: bool = False, out_dtype=None) -> Float[Array, "size n"]:
     """Tile t of `x` times `w[tile_group[t]]`, in `dtype`, accumulated in fp32.
+
+    The products come back in `out_dtype` (default `dtype`); fp32 keeps partial sums exact for
+    a caller that adds them across devices (a K split over the tensor axis).
 
     Tiles are processed in chunks (a scan); each chunk gathers its tiles' expert weights
     (bounded to `_CHUNK_ELEMENTS`), and chunks wholly past `used_tiles` (the static worst-case
     padding) are skipped, forward and backward, so the work follows the routed rows. With
     `fp8`, every product (forward, dgrad, wgrad) is block-scaled e4m3 (dsv3_jax/fp8.py).
     """
+    out_dtype = out_dtype or dtype
     if isinstance(w, f8.QuantizedWeight):  # an FP8 checkpoint's experts, used as stored
-        return _gmm(x.astype(dtype), w, layout.tile_group, layout.used_tiles, layout.tile, True)
+        return _gmm(x.astype(dtype), w, layout.tile_group, layout.used_tiles, layout.tile, True,
+                    out_dtype)
     # FP8 quantizes the weights from their stored (master) values, not from a bf16 copy.
     x, w = x.astype(dtype), (w if fp8 else w.astype(dtype))
     # Inside shard_map, give x and w the same "varying" axes before the custom VJP: the implicit
     # broadcasts this inserts transpose to the psums that sum dx over tensor shards and dW over
     # batch shards, which a hand-written backward could not know.
     x, w = x + _zeros_varying_like((), x.dtype, w), w + _zeros_varying_like((), w.dtype, x)
-    return _gmm(x, w, layout.tile_group, layout.used_tiles, layout.tile, fp8)
+    return _gmm(x, w, layout.tile_group, layout.used_tiles, layout.tile, fp8, out_dtype)
 
 
 def _zeros_varying_like(shape, dtype, *deps):
@@ -178,13 +183,13 @@ def _tile_products(w, use_fp8: bool):
     return fwd, dgrad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _gmm(x, w, tile_group, used_tiles, tile, use_fp8):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm(x, w, tile_group, used_tiles, tile, use_fp8, out_dtype):
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
     product, _ = _tile_products(w, use_fp8)
 
     def fn(gs, xs):
-        return product(gs, xs).astype(x.dtype)
+        return product(gs, xs).astype(out_dtype)
 
     return _chunked(fn, tile_group, used_tiles, tiles, k * n, _array_of(w),
                     x.reshape(tiles, tile, k)).reshape(x.shape[0], n)
@@ -194,11 +199,12 @@ def _array_of(w):
     return w.q if isinstance(w, f8.QuantizedWeight) else w
 
 
-def _gmm_fwd(x, w, tile_group, used_tiles, tile, use_fp8):
-    return _gmm(x, w, tile_group, used_tiles, tile, use_fp8), (x, w, tile_group, used_tiles)
+def _gmm_fwd(x, w, tile_group, used_tiles, tile, use_fp8, out_dtype):
+    return (_gmm(x, w, tile_group, used_tiles, tile, use_fp8, out_dtype),
+            (x, w, tile_group, used_tiles))
 
 
-def _gmm_bwd(tile, use_fp8, res, dy):
+def _gmm_bwd(tile, use_fp8, out_dtype, res, dy):
     x, w, tile_group, used_tiles = res
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
     xt, dyt = x.reshape(tiles, tile, k), dy.reshape(tiles, tile, n).astype(x.dtype)

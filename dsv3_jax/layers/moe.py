@@ -134,13 +134,14 @@ class RoutedExperts(nnx.Module):
 
 
 def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout,
-               precision: Precision) -> Float[Array, "size embed"]:
-    """SwiGLU of each tile of rows with its own expert's (gate, up, down) weights."""
+               precision: Precision, out_dtype=None) -> Float[Array, "size embed"]:
+    """SwiGLU of each tile of rows with its own expert's (gate, up, down) weights; the output
+    in `out_dtype` (default the compute dtype; fp32 for partial sums over a split FFN width)."""
     w_gate, w_up, w_down = weights
     dtype, fp8 = precision.dtype, precision.fp8
     g = gm.grouped_matmul(xs, w_gate, layout, dtype, fp8)
     u = gm.grouped_matmul(xs, w_up, layout, dtype, fp8)
-    return gm.grouped_matmul(jax.nn.silu(g) * u, w_down, layout, dtype, fp8)
+    return gm.grouped_matmul(jax.nn.silu(g) * u, w_down, layout, dtype, fp8, out_dtype)
 
 
 def per_row_expert_ffn(weights, xs: Float[Array, "rows embed"], experts: Int[Array, "rows"],
