@@ -36,16 +36,16 @@ from dsv3_jax.aot.targets import Target  # noqa: E402
 
 V2 = "configs/deepseek-v2-lite.json"
 V3 = "configs/deepseek-v3-671b.json"
-V3_TRAIN = ["--batch", "256", "--seq", "4096", "--accumulate", "4", "--capacity-factor", "1.25"]
+V3_TRAIN = ["--batch", "256", "--seq", "4096", "--capacity-factor", "1.25"]
 V3_SERVE = ["--seq", "4096", "--serve"]
 # (name, target, args, address-space limit in GB): V2-Lite is 31 GB in bf16, V3 1.3 TB; training
 # in bf16 compute with fp32 master weights and bf16 first moments (train.py's defaults at scale)
 CASES = [
     ("v2lite-train-v5p-64", "tpu-v5p:4x4x4", [V2, "expert=16,fsdp=4", "--batch", "64", "--seq", "4096"], 24),
     ("v2lite-train-h100-64", "h100:8x8", [V2, "expert=16,fsdp=4", "--batch", "64", "--seq", "4096"], 24),
-    ("v3-train-h100-256", "h100:32x8", [V3, "expert=64,tensor=4", *V3_TRAIN], 24),
-    ("v3-train-h200-256", "h200:32x8", [V3, "expert=128,tensor=2", *V3_TRAIN], 24),
-    ("v3-train-v5p-256", "tpu-v5p:4x8x8", [V3, "expert=64,tensor=4", *V3_TRAIN], 24),
+    ("v3-train-h100-256", "h100:32x8", [V3, "expert=64,tensor=4", *V3_TRAIN, "--accumulate", "4"], 24),
+    ("v3-train-h200-256", "h200:32x8", [V3, "expert=128,tensor=2", *V3_TRAIN, "--accumulate", "2"], 24),
+    ("v3-train-v5p-256", "tpu-v5p:4x8x8", [V3, "expert=64,tensor=4", *V3_TRAIN, "--accumulate", "4"], 24),
     ("v3-decode-h100-32", "h100:4x8", [V3, "expert=32", "--batch", "128", *V3_SERVE], 24),
     ("v3-decode-h200-16", "h200:2x8", [V3, "expert=16", "--batch", "64", *V3_SERVE], 24),
     ("v3-decode-v5p-32", "tpu-v5p:2x4x4", [V3, "expert=32", "--batch", "128", *V3_SERVE], 24),

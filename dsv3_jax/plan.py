@@ -419,8 +419,10 @@ def check_batch(setup: Setup) -> None:
         return
     if setup.batch % setup.accumulate or micro % (inner * setup.stages) or \
             (micro // setup.microbatches) % inner:
-        raise MeshError(f"batch {setup.batch} does not split over {setup.mesh_spec} "
-                        f"({setup.microbatches} micro-batches of {inner} shards)")
+        raise MeshError(f"batch {setup.batch} in {setup.accumulate} accumulation step(s) of "
+                        f"{micro} sequences, {setup.microbatches} pipeline micro-batch(es) each, "
+                        f"does not split over the {inner * setup.stages} batch shards of "
+                        f"{setup.mesh_spec}")
 
 
 if __name__ == "__main__":  # the command line lives in plan_cli.py

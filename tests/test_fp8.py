@@ -230,3 +230,96 @@ def test_small_gradients_keep_e4m3_accuracy(magnitude):
     dx, dw = vjp(jnp.asarray(dy, jnp.float32))
     assert _rel(dx, dy @ w.T) < 0.05, magnitude
     assert _rel(dw, x.T @ dy) < 0.05, magnitude
+
+
+# --- structured scales: every tile and block with its own magnitude --------------------------
+def _structured(rows, cols, tile_rows, tile_cols, seed):
+    """Gaussian values, each (tile_rows x tile_cols) tile scaled by its own power of ten (1e-6
+    .. 1e3), plus one 1e4 outlier: a mis-indexed scale, or a scale per row instead of per tile,
+    puts some tile off by orders of magnitude."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols))
+    powers = rng.integers(-6, 4, (-(-rows // tile_rows), -(-cols // tile_cols)))
+    x *= np.repeat(np.repeat(10.0 ** powers, tile_rows, 0), tile_cols, 1)[:rows, :cols]
+    x[rows // 2, cols // 3] = 1e4
+    return x.astype(np.float32)
+
+
+def _dq_tiles(a, floor=None):
+    """float64 of what quantize_tiles keeps: 1 x 128 tiles along the last axis."""
+    from dsv3_jax.fp8 import _MIN_AMAX_GRAD
+    args = () if floor is None else (128, _MIN_AMAX_GRAD)
+    q, s = quantize_tiles(jnp.asarray(a), *args)
+    d = np.asarray(q, np.float64) * np.repeat(np.asarray(s, np.float64), 128, 1)
+    return d[:, :a.shape[1]]
+
+
+def _close(a, ref):
+    np.testing.assert_allclose(np.asarray(a, np.float64), ref, rtol=2e-5,
+                               atol=2e-6 * np.abs(ref).max())
+
+
+def test_structured_scales_dense_forward_and_gradients_equal_the_dequantized_product():
+    """fp8_matmul's forward, dx and dW equal the float64 products of the dequantized e4m3
+    operands (the quantization is deterministic: this is an equality up to fp32 summation)."""
+    m, k, n = 256, 384, 320  # K and N not multiples of each other; 2 token tiles
+    x = _structured(m, k, 1, 128, 0)           # per 1 x 128 activation tile
+    w = _structured(k, n, 128, 128, 1)         # per 128 x 128 weight block
+    dy = _structured(m, n, 1, 128, 2) * 1e-8   # small gradients, own magnitude per tile
+    qw = quantize_weight(jnp.asarray(w))
+    wd = np.asarray(qw.dequantize(), np.float64)
+    y, vjp = jax.vjp(fp8_matmul, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(dy))
+    _close(y, _dq_tiles(x) @ wd)
+    # dgrad: dy in 1 x 128 tiles along N against the same weight blocks
+    _close(dx, _dq_tiles(dy, "grad") @ wd.T)
+    # wgrad: x^T and dy^T each in 1 x 128 tiles along the tokens
+    _close(dw, _dq_tiles(x.T) @ _dq_tiles(dy.T, "grad").T)
+
+
+def test_structured_scales_grouped_forward_and_gradients_equal_the_dequantized_products():
+    """The grouped expert path in FP8: each row against its own expert's blocks, each tile of
+    rows with its own scales: forward, dx and dW per expert equal the dequantized products."""
+    from dsv3_jax.layers import grouped_matmul as gm
+    groups, k, n, tile = 3, 256, 256, 128
+    ids = np.array([0] * 100 + [2] * 150 + [1] * 6)
+    rows = len(ids)
+    x = _structured(rows, k, 1, 128, 3)
+    w = np.stack([_structured(k, n, 128, 128, 10 + g) for g in range(groups)])
+    dy = _structured(rows, n, 1, 128, 4) * 1e-9
+    layout = gm.make_layout(jnp.asarray(ids), groups, tile=tile)
+
+    def f(x, w):
+        buf = gm.scatter_rows(x, layout)
+        return gm.gather_rows(gm.grouped_matmul(buf, w, layout, jnp.float32, fp8=True), layout)
+
+    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(dy))
+    xd, dyd = _dq_tiles(x), _dq_tiles(dy, "grad")
+    for g in range(groups):
+        rows_g = np.flatnonzero(ids == g)
+        wd = np.asarray(quantize_weight(jnp.asarray(w[g])).dequantize(), np.float64)
+        _close(np.asarray(y)[rows_g], xd[rows_g] @ wd)
+        _close(np.asarray(dx)[rows_g], dyd[rows_g] @ wd.T)
+        # dW[g]: the expert's rows in tiles of `tile` rows (its group starts a new tile)
+        xg, dyg = np.zeros((-(-len(rows_g) // tile) * tile, k), np.float32), None
+        xg[:len(rows_g)] = x[rows_g]
+        dyg = np.zeros((len(xg), n), np.float32)
+        dyg[:len(rows_g)] = dy[rows_g]
+        _close(np.asarray(dw)[g], _dq_tiles(xg.T) @ _dq_tiles(dyg.T, "grad").T)
+
+
+def test_structured_scales_every_tile_and_block_keeps_its_own_precision():
+    """The quantizers alone, against the input: with tiles / blocks of magnitudes 1e-6 .. 1e4
+    side by side, every 1 x 128 activation tile and every 128 x 128 weight block comes back
+    within e4m3's relative error; one amax per row or per tensor would flush the small ones."""
+    x = _structured(64, 384, 1, 128, 5)
+    xd = _dq_tiles(x).reshape(64, 3, 128)
+    xt = x.reshape(64, 3, 128).astype(np.float64)
+    err = np.linalg.norm(xd - xt, axis=-1) / np.linalg.norm(xt, axis=-1)
+    assert err.max() < 0.07, err.max()
+    w = _structured(384, 256, 128, 128, 6)
+    wd = np.asarray(quantize_weight(jnp.asarray(w)).dequantize(), np.float64)
+    blocks = lambda a: a.reshape(3, 128, 2, 128).transpose(0, 2, 1, 3).reshape(6, -1)  # noqa: E731
+    err = np.linalg.norm(blocks(wd) - blocks(w), axis=-1) / np.linalg.norm(blocks(w), axis=-1)
+    assert err.max() < 0.07, err.max()

@@ -43,6 +43,7 @@ _CALLED = re.compile(r"\b(calls|body|to_apply|condition|true_computation|false_c
                      r"branch_computations|called_computations|async_wrapped_computation)="
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 _GEMM_TARGETS = ("gemm", "matmul")
+TOP = 6  # collectives listed by source line
 
 
 def arrays(type_str: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -93,6 +94,35 @@ def _parse_instruction(line: str) -> Instruction | None:
     # names with or without the % of the optimized HLO's printer; /*index=N*/ comments
     operands = re.findall(r"(?:^|,)\s*(?:/\*index=\d+\*/)?%?([A-Za-z_][\w.\-]*)", rest[:end - 1])
     return Instruction(m.group(1), type_, opcode.strip(), operands, rest[end:], line)
+
+
+def source_locations(hlo_text: str) -> dict[str, str]:
+    """{stack_frame_id: "file.py:line"} for the innermost frame of each stack in this project
+    (not in jax), from the tables XLA prints before the computations."""
+    head = hlo_text[:hlo_text.find("\n%")]
+
+    def table(name, pattern):
+        part = head.partition("\n" + name + "\n")[2].split("\n\n")[0]
+        return re.findall(pattern, part, re.M)
+
+    files = dict(table("FileNames", r'^(\d+) "([^"]*)"'))
+    locations = {i: (f, line) for i, f, line in
+                 table("FileLocations", r"^(\d+) \{file_name_id=(\d+) function_name_id=\d+ line=(\d+)")}
+    frames = {i: (loc, parent) for i, loc, parent in
+              table("StackFrames", r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)")}
+    out = {}
+    for frame in frames:
+        f, seen = frame, set()
+        while f in frames and f not in seen:
+            seen.add(f)
+            loc, parent = frames[f]
+            name, line = locations.get(loc, ("", "0"))
+            path = files.get(name, "")
+            if path and "site-packages" not in path and "/jax/" not in path:
+                out[frame] = f"{'/'.join(path.split('/')[-2:])}:{line}"
+                break
+            f = parent
+    return out
 
 
 def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -272,6 +302,8 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
     comps, entry = parse(hlo_text)
     mult, asynchronous, unknown = multiplicities(comps, entry)
     coll = {k: dict(count=0, asynchronous=0, bytes=0.0) for k in COLLECTIVES}
+    sources = source_locations(hlo_text)
+    by_source: dict[tuple[str, str], dict] = {}
     matmuls: dict[str, dict] = {}
     largest = dict(bytes=0, shape="", op_name="")
     for name, insts in comps.items():
@@ -291,12 +323,18 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
                 is_async = (op.endswith("-start") or name in asynchronous) and not _is_sync(inst)
                 c["asynchronous"] += m if is_async else 0
                 c["bytes"] += m * _sent(base, b, n)
+                where = sources.get(_attr(inst, "stack_frame_id"), "") or _op_name(inst)[-60:]
+                src = by_source.setdefault((base, where), dict(kind=base, where=where, count=0,
+                                                                bytes=0.0, group=n))
+                src["count"] += m
+                src["bytes"] += m * _sent(base, b, n)
                 if base == "all-gather" and b * (n or 1) > largest["bytes"]:
                     shapes = [f"{d}[{','.join(map(str, s))}]" for o in operands
                               for d, s in arrays(types.get(o, ""))]
                     more = f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
                     largest = dict(bytes=b * (n or 1), shape=" ".join(shapes[:3]) + more,
-                                   group=n, op_name=_op_name(inst))
+                                   group=n, op_name=_op_name(inst),
+                                   where=sources.get(_attr(inst, "stack_frame_id"), ""))
                 continue
             mm = _matmul(inst, types)
             if mm:
@@ -309,8 +347,16 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
                     row["flops"] += m * flops
     for c in coll.values():
         c["bytes"] = int(c["bytes"])
+    top = sorted(by_source.values(), key=lambda r: -r["bytes"])[:TOP]
+    for r in top:
+        r["bytes"] = int(r["bytes"])
     return dict(collectives=coll, largest_all_gather=largest, matmuls=matmuls,
-                cost=_cost(cost), unbounded_loops=unknown)
+                cost=_cost(cost), unbounded_loops=unknown, top_collectives=top)
+
+
+def _attr(inst: Instruction, key: str) -> str:
+    m = re.search(key + r"=(\d+)", inst.attrs)
+    return m.group(1) if m else ""
 
 
 def _cost(cost) -> dict | None:
@@ -333,15 +379,20 @@ def matmul_flops(a: dict) -> float | None:
 
 def table(a: dict, planner_flops: float | None = None) -> str:
     """The audit as text: collectives, the largest all-gather, matmuls, FLOPs."""
-    lines = ["collective            per step  async     bytes sent / device"]
+    lines = ["collective            per step  async     bytes sent / device (the largest by source below)"]
     for kind, c in a["collectives"].items():
         if c["count"]:
+            bound = "<=" if kind == "ragged-all-to-all" else "  "  # its buffers' capacity
             lines.append(f"  {kind:<20} {c['count']:>7,}  {c['asynchronous']:>5,}  "
-                         f"{c['bytes'] / 1e9:>12.3f} GB")
+                         f"{bound}{c['bytes'] / 1e9:>10.3f} GB")
+    for r in a.get("top_collectives", []):
+        if r["bytes"]:
+            lines.append(f"    {r['bytes'] / 1e9:>10.3f} GB  {r['kind']:<18} x{r['count']:<6,} "
+                         f"group {r['group']}  {r['where']}")
     lg = a["largest_all_gather"]
     if lg.get("bytes"):
         lines.append(f"largest all-gather: {lg['bytes'] / 1e9:.3f} GB ({lg['shape']} x {lg['group']}) "
-                     f"from {lg['op_name'][-90:]}")
+                     f"at {lg.get('where') or '?'}: {lg['op_name'][-80:]}")
     lines.append("matmuls (operand dtypes)   per step    GFLOP (from the HLO)")
     for key, r in sorted(a["matmuls"].items(), key=lambda kv: -kv[1]["count"]):
         if r["without_flops"] == r["count"]:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 from dsv3_jax.aot.targets import NAMES, TargetError, parse_target
+from sharding.mesh import MeshError
 
 
 def run_subprocess(args: list[str], *, timeout: float = 1800) -> dict:
@@ -58,10 +59,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.step and (args.step == "train") == args.serve:
         ap.error(f"--step {args.step} {'without' if args.serve else 'needs'} --serve")
-    setup = plan_cli.setup_from_args(args)
     try:
+        setup = plan_cli.setup_from_args(args)
+        plan.check_batch(setup)
         target = parse_target(args.target, setup.devices)
-    except TargetError as e:
+    except (TargetError, MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = target.environ(setup.devices)

@@ -84,12 +84,12 @@ def _measure(kind, setup, target: Target, mesh, lower) -> Compiled:
         cost = None
     text = compiled.as_text()
     result = Compiled(kind=kind, mesh=setup.mesh_spec, lower_s=t1 - t0, compile_s=t2 - t1,
-                    argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-                    alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
-                    generated_code=m.generated_code_size_in_bytes,
-                    peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    target=target.spec, device_kind=mesh.devices.flat[0].device_kind,
-                    audit=hlo_audit.audit(text, cost))
+                      argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+                      alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
+                      generated_code=m.generated_code_size_in_bytes,
+                      peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      target=target.spec, device_kind=mesh.devices.flat[0].device_kind,
+                      audit=hlo_audit.audit(text, cost))
     result.hlo_text = text  # not a field: kept out of the JSON
     return result
 
