@@ -27,6 +27,8 @@ from tests.conftest import FIXTURES
 B16 = FIXTURES / "v3_mtp_fp8_b16"   # 16 x 16 blocks: every mesh below splits it somewhere
 B128 = FIXTURES / "v3_fp8_b128"     # 128 x 128 blocks on dims of 144..192: few splits align
 MESHES = ["expert=8", "data=2,tensor=2,expert=2"]
+# placement only (no compile): the dense weights' embed dim split FSDP-style at block boundaries
+PLACEMENT_MESHES = MESHES + ["fsdp=2,expert=4"]
 PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], [100, 50, 25, 12, 6, 3], [200, 201]]
 NEW_TOKENS = 6
 E4M3 = jnp.float8_e4m3fn
@@ -102,7 +104,7 @@ def _check_blocks_cover_values(name, qw: QuantizedWeight, n_in: int, mesh):
             assert a1 * inner == full or (a1 * inner) % block == 0, (name, dev, g)
 
 
-@pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.parametrize("spec", PLACEMENT_MESHES)
 def test_fp8_weights_stay_e4m3_split_at_block_boundaries(spec, loaded):
     mesh, model, reads = loaded(spec)
     reader = CheckpointReader(B16)
@@ -146,11 +148,15 @@ def test_fp8_weights_stay_e4m3_split_at_block_boundaries(spec, loaded):
             assert shard.data.shape[:2] == (layers, n_exp // mesh.shape["expert"])
             assert shard.data.shape[-1] == width // tp
     key = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    fs = mesh.shape["fsdp"]  # the expert stacks' embed dim is split over fsdp too
     got = {(part, shape) for k, part, shape in reads if k == key}
-    assert got == {("q", (d, f // tp)), ("scale", (d // 16, f // 16 // tp))}, got
+    assert got == {("q", (d // fs, f // tp)), ("scale", (d // 16 // fs, f // 16 // tp))}, got
     if spec == "data=2,tensor=2,expert=2":  # a dense weight split FSDP-style over expert (blocks of 16)
         kv_b = model.moe_layers.self_attn.kv_b_proj.get_value()
         assert kv_b.q.addressable_shards[0].data.shape[1] == kv_b.q.shape[1] // 2
+    if spec == "fsdp=2,expert=4":  # embed 64 over fsdp x expert = 8 would cut 16-blocks: fsdp only
+        q_a = model.moe_layers.self_attn.q_a_proj.get_value()
+        assert tuple(q_a.q.sharding.spec)[1] == "fsdp" and tuple(q_a.scale.sharding.spec)[1] == "fsdp"
 
 
 @pytest.mark.parametrize("spec", MESHES)
