@@ -62,6 +62,31 @@ def test_mtp_layer_can_be_skipped():
     np.testing.assert_allclose(model(jnp.asarray(ref["input_ids"])), ref["logits"], rtol=0, atol=1e-4)
 
 
+def test_fp8_as_stored_save_is_the_checkpoint_byte_for_byte(tmp_path):
+    """An FP8 checkpoint loaded as stored (precision='fp8') and saved again: the same keys, the
+    same e4m3 bytes and weight_scale_inv (128-blocks with partial edge blocks), the same
+    quantization_config; its other tensors in the model's bf16."""
+    src = FIXTURES / "v3_fp8_b128"
+    save_hf(load_hf(src, precision="fp8"), tmp_path, max_shard_bytes=200_000)
+    ours, theirs = CheckpointReader(tmp_path), CheckpointReader(src)
+    assert sorted(ours.keys()) == sorted(theirs.keys())
+    fp8 = 0
+    for k in theirs.keys():
+        a, b = np.asarray(ours.get(k)), np.asarray(theirs.get(k))
+        assert a.shape == b.shape, k
+        if b.dtype.itemsize == 1 or k.endswith("_scale_inv"):
+            fp8 += 1
+            assert a.dtype == b.dtype, k
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=k)
+        elif not k.endswith("e_score_correction_bias"):
+            assert a.dtype == jnp.bfloat16, k
+            np.testing.assert_array_equal(a, b.astype(jnp.bfloat16), err_msg=k)
+    assert fp8 >= 40
+    conf = json.loads((tmp_path / "config.json").read_text())
+    want = json.loads((src / "config.json").read_text())["quantization_config"]
+    assert conf["quantization_config"] == want
+
+
 # ---------------------------------------------------------------------------- broken checkpoints
 def _rewrite(tmp_path, edit, case="v3_noqlora"):
     """Copy a single-file fixture, apply `edit(tensors)`, write it back."""
