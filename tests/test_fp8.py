@@ -213,9 +213,6 @@ def test_fp8_checkpoint_runs_as_stored(case):
     for p, v in nnx.to_flat_state(grads):
         leaves = jax.tree.leaves(v.get_value())
         assert all(bool(jnp.isfinite(jnp.asarray(a, jnp.float32)).all()) for a in leaves), p
-    with pytest.raises(ValueError, match="holds FP8 weights as stored"):
-        from dsv3_jax import save_hf
-        save_hf(model, "/tmp/never-written")
 
 
 @pytest.mark.parametrize("magnitude", [1e-2, 1e-6, 1e-9, 1e-10, 1e-11, 1e-12])
