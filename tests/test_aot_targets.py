@@ -223,13 +223,18 @@ KINDS = {"tpu-v5p": "TPU v5", "h100": "NVIDIA H100 80GB HBM3"}
 @needs["gpu"]
 def test_tiny_pipeline_train_and_decode_steps_compile_for_tpu_v5p_and_h100():
     """GPipe over 2 stages with 4-way expert parallelism inside them, and the decode step with
-    8-way expert parallelism, for a TPU v5p slice and an 8-GPU H100 host: the expert exchange
-    is an asynchronous ragged all-to-all on both, the state is donated, and on the GPU the
-    pipeline's stages exchange bf16 (the fp32 crossing is only XLA:CPU's workaround)."""
+    8-way expert parallelism, for a TPU v5p slice and an 8-GPU H100 host (and the FP8 train
+    step on H100): the expert exchange is an asynchronous ragged all-to-all on both, the state
+    is donated, and the FP8 step's matmuls are e4m3 dots."""
     train = ["--batch", "16", "--seq", "64"]
     serve = [*train, "--serve"]
-    results = _compile_all(*[(TINY, "pipeline=2,expert=4", t, *train) for t in KINDS],
-                           *[(TINY, "expert=8", t, *serve) for t in KINDS])
+    *results, fp8 = _compile_all(*[(TINY, "pipeline=2,expert=4", t, *train) for t in KINDS],
+                                 *[(TINY, "expert=8", t, *serve) for t in KINDS],
+                                 (TINY, "expert=8", "h100", *train, "--precision", "fp8"))
+    # FP8 training on an expert-parallel mesh compiles, and H100 multiplies in e4m3
+    fp8_dots = fp8["audit"]["matmuls"]["f8e4m3fn x f8e4m3fn"]
+    assert fp8_dots["count"] > 0 and fp8_dots["flops"] > fp8["audit"]["matmuls"]["bf16 x bf16"]["flops"]
+    _assert_expert_exchange_is_ragged_and_async(fp8)
     for r, (target, step) in zip(results, [(t, s) for s in ("train", "decode") for t in KINDS]):
         assert r["kind"] == step and r["target"].startswith(target), r["target"]
         assert r["device_kind"] == KINDS[target]

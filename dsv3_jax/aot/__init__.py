@@ -7,6 +7,7 @@
   deviceless compilation) and the environment each compile needs;
 - compile.py: the train, decode and prefill steps lowered from sharded abstract inputs,
   compiled, and measured (`memory_analysis`, `cost_analysis`);
+- hlo.py: the optimized HLO text read into computations, how often each runs, source lines;
 - audit.py: what the optimized HLO communicates (collectives, bytes, asynchrony, the largest
   all-gather) and multiplies (matmuls by operand dtype, FLOPs);
 - cli.py: the command line (`python -m dsv3_jax.aot`), which compiles in a fresh process so the
