@@ -58,6 +58,26 @@ Serving (the engine's decode step, bf16 by default):
   training, once) and the expert dispatch buffers of the slots' tokens;
 - capacity: the most slots whose cache fits next to the rest (a multiple of Dd Fs X).
 
+Serving the official FP8 checkpoint as stored (`--serve --precision fp8`, a config with a
+`quantization_config`; what load_hf(precision="fp8") keeps, dsv3_jax/plan_state.py):
+- FP8 weights: every linear weight except lm_head and the MoE gate (so q/kv projections,
+  o_proj, dense, shared and routed experts' gate/up/down, MTP eh_proj). Each is two arrays,
+  placed by `sharding.rules.quantized_specs` (the table, restricted to splits at block
+  boundaries; a dim whose split would cut 128-blocks drops that mesh axis, e.g. q_b_proj's
+  1536 and kv_b_proj's 512 latent dims on expert=8 are held whole):
+    values  prod(shard of [lead..., in..., out...]) * 1 byte (e4m3),
+    scales  prod(shard of [lead..., ceil(K / b0), ceil(N / b1)]) * 4 bytes (fp32),
+  with K, N the products of the input and output dims, b = 128 x 128, the scales split over
+  the same mesh axes as the values' leading, first input and first output dims;
+- the rest (embedding, lm_head, MoE gate, norms) as above in bf16, the routing bias in fp32;
+- gathered: the largest layer's FSDP-split values and scales (1 and 4 bytes) less the shard;
+- cache, logits and dispatch buffers as in bf16 serving (bf16 activations and latent cache);
+- fp8_relayout: the e4m3 values once more (less the MTP layer's, which decode does not read).
+  XLA:GPU's FP8 GEMMs need both operands K-major (contraction dim minor); our values are
+  [in, out] (out minor), so the compiled step holds a transposed copy of every FP8 weight,
+  made once per step outside the layer loop (671B on expert=8: 85 GB of `transpose`
+  fusions, SCALE.md). Keeping the checkpoint's [out, in] layout would remove it.
+
 FLOPs (dsv3_jax/train/flops.py): training 6 x activated matmul weights + causal attention per
 token, times the tokens of a step; decoding 2 x activated weights + absorbed attention over
 the context, 2 * H * context * (2 * kv_lora_rank + qk_rope_head_dim) per layer.
@@ -71,15 +91,14 @@ fragmentation); set XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 so JAX may use that much
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import sys
-import types
 
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.plan_state import (FSDP_AXES, fp8_layouts, fp8_value_bytes,  # noqa: F401
+                                 gathered_layer_bytes, shard_elements, stage_layer_bytes, state_bytes, stored_fp8)
 from sharding.mesh import AXES, MeshError, parse_mesh_spec
 
 GiB = 2**30
@@ -175,8 +194,11 @@ class Setup:
                 f"{self.microbatches} micro-batches, moments {self.moments_dtype}, "
                 f"remat {'on' if self.remat else 'off'}")
         cf = f", capacity factor {self.capacity_factor}" if self.capacity_factor else ", dropless"
+        params = self.param_dtype
+        if self.serve and self.precision == "fp8" and self.config.fp8_block_size is not None:
+            params = f"fp8 as stored (e4m3 + fp32 block scales; the rest {self.param_dtype})"
         return (f"{self.config_path or 'model'} on {self.mesh_spec}: {what}, params "
-                f"{self.param_dtype}, compute {self.precision}{cf}")
+                f"{params}, compute {self.precision}{cf}")
 
 
 def make_setup(config, mesh: str, devices: int | None = None, **kw) -> Setup:
@@ -190,95 +212,6 @@ def make_setup(config, mesh: str, devices: int | None = None, **kw) -> Setup:
     if not kw.get("mtp", True):
         config = config.replace(num_nextn_predict_layers=0)
     return Setup(config=config, mesh=tuple((a, sizes[a]) for a in AXES), config_path=path, **kw)
-
-
-# ------------------------------------------------------------------------------- state bytes
-def _variables(cfg: ModelConfig) -> tuple:
-    """(logical axes, shape, is a Param, fixed dtype or None) of every variable: shapes only."""
-    return _variables_of(json.dumps(cfg.to_dict(), sort_keys=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _variables_of(cfg_json: str) -> tuple:
-    from flax import nnx
-
-    from dsv3_jax.model import abstract_model
-    model = abstract_model(ModelConfig.from_dict(json.loads(cfg_json)), param_dtype=jnp.bfloat16)
-    out = []
-    for _, v in nnx.iter_graph(model):
-        if isinstance(v, nnx.Variable):
-            axes = v.get_metadata().get("logical_axes") or (None,) * len(v.shape)
-            fixed = None if v.dtype == jnp.bfloat16 else v.dtype  # e.g. the fp32 routing bias
-            out.append((tuple(axes), tuple(v.shape), isinstance(v, nnx.Param), fixed))
-    return tuple(out)
-
-
-def _spec(axes, shape, sizes: dict[str, int]) -> tuple:
-    """The rules' PartitionSpec entries for an array, padded to one per dimension."""
-    from sharding.rules import logical_to_spec
-    spec = tuple(logical_to_spec(axes, shape, types.SimpleNamespace(shape=sizes)))
-    return spec + (None,) * (len(shape) - len(spec))
-
-
-def _split(entry, sizes: dict[str, int]) -> int:
-    """How many ways one PartitionSpec entry (None, an axis or a tuple of axes) splits its dim."""
-    names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
-    return math.prod(sizes[a] for a in names)
-
-
-def shard_elements(axes, shape, sizes: dict[str, int]) -> int:
-    """Elements of one device's shard of an array laid out by the logical-axis rules."""
-    return math.prod(shape) // math.prod(_split(e, sizes) for e in _spec(axes, shape, sizes))
-
-
-# dims split for storage only, gathered for compute (sharding/rules.py maps them to FSDP axes)
-FSDP_AXES = ("embed", "embed_concat", "q_lora", "kv_lora")
-
-
-def gathered_layer_bytes(setup: Setup, dtype) -> int:
-    """Bytes one device gathers for the largest layer: each stacked weight of one layer as
-    the compute uses it (its "embed" dims whole), less the shard it stores."""
-    sizes, itemsize = setup.sizes, jnp.dtype(dtype).itemsize
-    per_stack: dict[int, int] = {}
-    for axes, shape, is_param, _ in _variables(setup.config):
-        if not is_param or not axes or axes[0] != "layers":
-            continue
-        used = stored = 1
-        for name, entry in zip(axes[1:], _spec(axes, shape, sizes)[1:]):
-            n = _split(entry, sizes)
-            stored *= n
-            used *= 1 if name in FSDP_AXES else n
-        layer = math.prod(shape[1:])
-        per_stack[shape[0]] = per_stack.get(shape[0], 0) + layer // used - layer // stored
-    return max(per_stack.values(), default=0) * itemsize
-
-
-def stage_layer_bytes(setup: Setup, dtype) -> int:
-    """W: bytes of one stage's pipelined MoE layers per device, in the stage's layout (split by
-    layer over the pipeline axis, every other dim as stored but without the pipeline axis)."""
-    from sharding.pipeline import layer_split_spec
-    sizes, cfg = setup.sizes, setup.config
-    per_stage = cfg.num_moe_layers // setup.stages
-    total = 0
-    for axes, shape, is_param, _ in _variables(cfg):
-        if not is_param or not axes or axes[0] != "layers" or shape[0] != cfg.num_moe_layers:
-            continue
-        spec = tuple(layer_split_spec(axes, shape, types.SimpleNamespace(shape=sizes)))[1:]
-        total += per_stage * math.prod(shape[1:]) // math.prod(_split(e, sizes) for e in spec)
-    return total * jnp.dtype(dtype).itemsize
-
-
-def state_bytes(setup: Setup, dtype) -> tuple[int, int, int]:
-    """(Param bytes in `dtype`, Param elements, other variables' bytes) per device."""
-    itemsize = jnp.dtype(dtype).itemsize
-    params = elements = other = 0
-    for axes, shape, is_param, fixed in _variables(setup.config):
-        n = shard_elements(axes, shape, setup.sizes)
-        if is_param:
-            params, elements = params + n * itemsize, elements + n
-        else:
-            other += n * jnp.dtype(fixed or dtype).itemsize
-    return params, elements, other
 
 
 # ------------------------------------------------------------------------------- estimate
@@ -400,10 +333,19 @@ def _serve(setup: Setup) -> Estimate:
              "gathered": gathered_layer_bytes(setup, setup.param_jnp),
              "activations": int(setup.batch * V * 4 * 2 + R * (DISPATCH_BUFFERS * cfg.hidden_size
                                 + FFN_BUFFERS * cfg.moe_intermediate_size / T) * c)}
+    notes = []
+    if stored_fp8(setup):
+        # XLA:GPU's FP8 GEMMs take both operands K-major; our [in, out] values are not, so the
+        # compiled step keeps a transposed copy of every FP8 weight it reads (SCALE.md)
+        parts["fp8_relayout"] = fp8_value_bytes(setup, mtp=False)
+        ideal = (1 - HEADROOM) * DEVICES["h200"].memory - parts["params"] - parts["activations"]
+        notes.append(f"fp8_relayout: XLA:GPU transposes every FP8 weight to K-major once per "
+                     f"step (the checkpoint's [out, in] layout would avoid it); without it an "
+                     f"H200 holds {max(0, int(ideal // per_slot)) * shards:,} slots")
     attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * setup.seq / 2 * (
         2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    est = Estimate(parts, 2 * activated_matmul_params(cfg) + attn, setup.batch, [])
-    fixed = parts["params"] + parts["activations"]
+    est = Estimate(parts, 2 * activated_matmul_params(cfg) + attn, setup.batch, notes)
+    fixed = parts["params"] + parts["activations"] + parts.get("fp8_relayout", 0)
     for name, dev in DEVICES.items():
         free = (1 - HEADROOM) * dev.memory - fixed
         est.capacity_slots[name] = max(0, int(free // per_slot)) * shards

@@ -111,3 +111,64 @@ def test_v2_lite_train_step_compiles_for_64_devices_and_the_planner_agrees():
     assert abs(parts["params"] + parts["optimizer"] - r["argument"]) < 1e-3 * r["argument"]
     assert r["alias"] >= 0.99 * r["argument"]  # the state is donated: updated in place
     assert np.isclose(r["planner"]["total"], r["total"], rtol=0.15), (r["planner"], r["total"])
+
+
+FP8_B16 = ROOT / "tests" / "fixtures" / "data" / "v3_mtp_fp8_b16"   # 16 x 16 blocks, MTP layer
+FP8_B128 = ROOT / "tests" / "fixtures" / "data" / "v3_fp8_b128"     # 128-blocks on dims 144..192
+
+
+@pytest.mark.parametrize("ckpt,spec", [(FP8_B16, "expert=8"), (FP8_B16, "data=2,tensor=2,expert=2"),
+                                       (FP8_B128, "expert=8"), (FP8_B128, "fsdp=2,expert=4")])
+def test_fp8_serving_state_bytes_equal_the_loaded_shards(ckpt, spec):
+    """Serving the official FP8 checkpoint as stored: the planner's per-device bytes (e4m3
+    values, fp32 block scales, bf16 rest, block-alignment fallbacks) equal what load_hf
+    (precision="fp8") puts on device 0, and the AOT compile's abstract FP8 state is placed the
+    same way (float8 values and fp32 scales, shard for shard)."""
+    from dsv3_jax.aot.compile import _placed, _stored_fp8
+    from dsv3_jax.fp8 import QuantizedWeight
+    from dsv3_jax.weights import load_hf
+    mesh = make_mesh(spec)
+    model = load_hf(ckpt, precision="fp8", mesh=mesh)
+    dev = jax.devices()[0]
+
+    def shard_bytes(v):
+        value = v.get_value()
+        arrays = (value.q, value.scale) if isinstance(value, QuantizedWeight) else (value,)
+        return sum(next(s for s in a.addressable_shards if s.device == dev).data.nbytes
+                   for a in arrays)
+
+    placed = {"param": 0, "other": 0, "fp8": 0}
+    for _, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.Variable):
+            placed["param" if isinstance(v, nnx.Param) else "other"] += shard_bytes(v)
+            placed["fp8"] += isinstance(v.get_value(), QuantizedWeight)
+    assert placed["fp8"] > 0
+    setup = plan.make_setup(ModelConfig.from_json(ckpt), spec, batch=8, seq=32, serve=True,
+                            param_dtype="bf16", precision="fp8")
+    params, _, other = plan.state_bytes(setup, jnp.bfloat16)
+    assert (params, other) == (placed["param"], placed["other"])
+    assert len(plan.fp8_layouts(setup.config)) == placed["fp8"]
+    # the AOT compile's abstract state: the same dtypes and shards as the loaded model
+    abstract, _ = _placed(_stored_fp8(nnx.state(model), setup.config), mesh)
+    loaded = jax.tree.leaves(nnx.state(model))
+    for a, b in zip(jax.tree.leaves(abstract), loaded, strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+
+
+def test_fp8_serving_decode_compiles_for_h100_with_stored_weights():
+    """The engine's decode step compiles for an 8 x H100 host (XLA:GPU) with the FP8 weights
+    as stored (the tiny FP8 checkpoint's config, expert=8): its inputs are the planner's state
+    and cache, and its weight matmuls are e4m3 dots."""
+    r = aot.run_subprocess(["--config", str(FP8_B16), "--mesh", "expert=8", "--batch", "8",
+                            "--seq", "32", "--serve", "--precision", "fp8", "--target", "h100"])
+    # jit prunes the inputs decode does not read: the MTP layer (resident, counted by the
+    # planner, but only the speculative steps use it)
+    setup = plan.make_setup(FP8_B16, "expert=8", batch=8, seq=32, serve=True,
+                            param_dtype="bf16", precision="fp8", mtp=False)
+    parts = plan.estimate(setup).parts
+    inputs = parts["params"] + parts["kv_cache"]
+    assert inputs <= r["argument"] <= inputs + 4096   # + the slots' token / position vectors
+    assert r["planner"]["parts"]["params"] > parts["params"]
+    fp8_dots = r["audit"]["matmuls"]["f8e4m3fn x f8e4m3fn"]
+    assert fp8_dots["count"] > 0, r["audit"]["matmuls"]

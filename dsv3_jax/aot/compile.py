@@ -59,16 +59,46 @@ def _mesh(setup, target: Target):
 
 
 def _placed(state, mesh):
-    """(abstract state whose leaves carry their NamedSharding, the shardings tree)."""
+    """(abstract state whose leaves carry their NamedSharding, the shardings tree). A variable
+    holding a `QuantizedWeight` gets one of two sharded ShapeDtypeStructs (values, scales)."""
     import jax
     from flax import nnx
+    from dsv3_jax.fp8 import QuantizedWeight
     from sharding.rules import variable_sharding
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def place(v, s):
+        w = v.get_value()
+        if isinstance(w, QuantizedWeight):
+            return v.replace(QuantizedWeight(
+                jax.ShapeDtypeStruct(w.q.shape, w.q.dtype, sharding=s.q),
+                jax.ShapeDtypeStruct(w.scale.shape, w.scale.dtype, sharding=s.scale), w.block))
+        return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
+
     shardings = jax.tree.map(lambda v: variable_sharding(v, mesh), state, is_leaf=is_var)
-    abstract = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-        state, shardings, is_leaf=is_var)
+    abstract = jax.tree.map(place, state, shardings, is_leaf=is_var)
     return abstract, shardings
+
+
+def _stored_fp8(state, cfg):
+    """The serving state with the official FP8 checkpoint's weights as load_hf(precision="fp8")
+    keeps them: each a `QuantizedWeight` of float8_e4m3fn values (the parameter's shape) and
+    fp32 block scales (plan_state.fp8_layouts), abstract; the rest unchanged."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from dsv3_jax.fp8 import QuantizedWeight
+    from dsv3_jax.plan_state import fp8_layouts
+    layouts = fp8_layouts(cfg)
+    flat = []
+    for path, v in nnx.to_flat_state(state):
+        layout = layouts.get(tuple(path))
+        if layout is not None:
+            v = v.replace(QuantizedWeight(jax.ShapeDtypeStruct(v.shape, jnp.float8_e4m3fn),
+                                          jax.ShapeDtypeStruct(layout.scale_shape, jnp.float32),
+                                          layout.block))
+        flat.append((path, v))
+    return nnx.from_flat_state(flat)
 
 
 def _measure(kind, setup, target: Target, mesh, lower) -> Compiled:
@@ -158,6 +188,9 @@ def _serving(setup, target: Target):
     model = abstract_model(cfg, dtype=setup.compute, param_dtype=setup.param_jnp, mesh=mesh,
                            capacity_factor=setup.capacity_factor)
     graphdef, state = nnx.split(model)
+    from dsv3_jax.plan_state import stored_fp8
+    if stored_fp8(setup):
+        state = _stored_fp8(state, cfg)
     abstract, _ = _placed(state, mesh)
     B, T, dtype = setup.batch, setup.seq, model.dtype
 
