@@ -96,9 +96,10 @@ class ExpertParallelDispatcher:
             layout = gm.make_layout(jnp.where(valid, recv_e, 0), e_local, valid=valid)
             # the tensor shards' partial products of the down projection are summed in fp32,
             # then rounded once, as the single-device product is (bf16 partial sums differed by
-            # an ulp, which FP8's activation quantization can amplify into different tokens)
+            # an ulp, which FP8's activation quantization can amplify into different tokens);
+            # without a tensor split there is nothing to sum and the buffer stays in bf16
             y = expert_ffn((w_gate, w_up, w_down), gm.scatter_rows(recv_x, layout), layout,
-                           precision, out_dtype=jnp.float32)
+                           precision, out_dtype=jnp.float32 if mesh.shape[tp_axis] > 1 else None)
             y = jax.lax.psum(gm.gather_rows(y, layout), tp_axis).astype(precision.dtype)
             out = jnp.where(keep[:, None], send_back(y), 0)
             counts = jax.lax.psum(jnp.zeros((num_experts,), jnp.int32).at[flat].add(1), bax)
