@@ -45,9 +45,10 @@ class Block(nnx.Module):
                     MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs,
                         std=cfg.initializer_range, **kw))
 
-    def __call__(self, x: Float[Array, "batch seq embed"], cos, sin
+    def __call__(self, x: Float[Array, "batch seq embed"], cos, sin,
+                 segment_ids: Int[Array, "batch seq"] | None = None
                  ) -> tuple[Float[Array, "batch seq embed"], dict]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
         return self.ffn(x)
 
     def ffn(self, x: Float[Array, "batch seq embed"]) -> tuple[Float[Array, "batch seq embed"], dict]:

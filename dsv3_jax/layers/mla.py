@@ -76,8 +76,11 @@ class MLA(nnx.Module):
 
     def __call__(self, x: Float[Array, "batch seq embed"], cos: Float[Array, "batch seq half"],
                  sin: Float[Array, "batch seq half"],
-                 mask: Float[Array, "batch 1 seq seq"] | None = None) -> Float[Array, "batch seq embed"]:
-        """Causal self-attention over the sequence (the training / prefill path)."""
+                 segment_ids: Int[Array, "batch seq"] | None = None) -> Float[Array, "batch seq embed"]:
+        """Causal self-attention over the sequence (the training / prefill path).
+
+        `segment_ids`: packed documents; a token attends only to earlier tokens of its own
+        segment (None: one segment per row)."""
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         kv = project(c_kv, self.kv_b_proj[...], 1, self.precision)
@@ -89,8 +92,9 @@ class MLA(nnx.Module):
         # gradient needs the mask broadcast to the scores' full [batch, heads, seq, seq] shape,
         # which jax hoists out of the layer scan and keeps for the backward pass (with a full
         # fp32 copy of the fill value: 10 GB per device for V3 at 4096 tokens, SCALE.md)
-        if mask is None:
-            mask = causal_mask(x.shape[1])[None, None]
+        mask = causal_mask(x.shape[1])[None, None]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         scores = scores * self.softmax_scale + jnp.where(mask, 0.0, jnp.finfo(f32).min).astype(f32)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=f32).astype(self.dtype)
