@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import QuantizedWeight
+from dsv3_jax.layers.attention import attention
 from dsv3_jax.layers.linear import as_precision, param, project
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import apply_rope
@@ -83,23 +84,16 @@ class MLA(nnx.Module):
         segment (None: one segment per row)."""
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        kv = project(c_kv, self.kv_b_proj[...], 1, self.precision)
-        k_nope, v = kv[..., :self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
-        f32 = jnp.float32
-        scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
-                  + jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=f32))
-        # the mask is added as a [1, 1, seq, seq] bias, not selected with jnp.where: where's
-        # gradient needs the mask broadcast to the scores' full [batch, heads, seq, seq] shape,
-        # which jax hoists out of the layer scan and keeps for the backward pass (with a full
-        # fp32 copy of the fill value: 10 GB per device for V3 at 4096 tokens, SCALE.md)
-        mask = causal_mask(x.shape[1])[None, None]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        scores = scores * self.softmax_scale + jnp.where(mask, 0.0, jnp.finfo(f32).min).astype(f32)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=f32).astype(self.dtype)
+        k_nope, v = self.expand(c_kv)
+        o = attention(q_nope, q_pe, k_nope, k_pe, v, scale=self.softmax_scale,
+                      q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         return project(o, self.o_proj[...], 2, self.precision)
 
+    def expand(self, c_kv: Float[Array, "batch time kv_lora"]
+               ) -> tuple[Float[Array, "batch time heads nope"], Float[Array, "batch time heads v"]]:
+        """Per-head keys' position-free part and values from the latent (kv_b_proj)."""
+        kv = project(c_kv, self.kv_b_proj[...], 1, self.precision)
+        return kv[..., :self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
 
     def absorbed_weights(self) -> tuple[Float[Array, "kv_lora heads nope"], Float[Array, "kv_lora heads v"]]:
         """(W_UK, W_UV): kv_b_proj split per head into its key and value parts, compute dtype."""
