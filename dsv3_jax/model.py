@@ -61,9 +61,12 @@ class Block(nnx.Module):
         return x + y, aux
 
     def decode(self, x: Float[Array, "batch seq embed"], cos, sin, cache: LatentCache | None,
-               start: Int[Array, "batch"]) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
-        """The block over new tokens with attention over a latent cache; returns their entries."""
-        a, entries = self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, start)
+               start: Int[Array, "batch"], *, prefill: bool = False
+               ) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
+        """The block over new tokens with attention over a latent cache; returns their entries.
+        Absorbed attention (`MLA.decode`), or with `prefill` the expanded form (`MLA.prefill`)."""
+        attend = self.self_attn.prefill if prefill else self.self_attn.decode
+        a, entries = attend(self.input_layernorm(x), cos, sin, cache, start)
         x, _ = self.ffn(x + a)
         return x, entries
 
@@ -93,10 +96,10 @@ def _run_stack(stack: Block, x, cos, sin, remat: bool):
     return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
 
 
-def _decode_stack(stack: Block, x, cos, sin, cache: LatentCache | None, start):
+def _decode_stack(stack: Block, x, cos, sin, cache: LatentCache | None, start, prefill: bool):
     """Scan the stacked blocks over (block, that layer's cache slice); stacks the new entries."""
     def body(x, block, layer_cache):
-        x, entries = block.decode(x, cos, sin, layer_cache, start)
+        x, entries = block.decode(x, cos, sin, layer_cache, start, prefill=prefill)
         return constrain(x, ACT), entries
 
     if cache is None:
@@ -203,7 +206,7 @@ class Transformer(nnx.Module):
         return tuple(logits), jnp.stack(counts)
 
     def decode(self, input_ids: Int[Array, "batch seq"], positions: Int[Array, "batch seq"],
-               cache: DecodeCache | None = None
+               cache: DecodeCache | None = None, *, prefill: bool = False
                ) -> tuple[Float[Array, "batch seq embed"], DecodeCache]:
         """Serving forward of new tokens over a latent cache: (normed hidden, their cache entries).
 
@@ -211,6 +214,8 @@ class Transformer(nnx.Module):
         valid entries for positions `[0, positions[b, 0])` (`cache=None`: nothing before them,
         e.g. a prefill). Logits are `head(hidden)`; the caller writes the returned entries
         ([layers, batch, seq, ...]) into its cache at `positions` (dsv3_jax/serve/cache.py).
+        `prefill=True` runs attention in the expanded blockwise form (many new tokens; the
+        cache, if any, must then reach at least to the last new position), else absorbed.
         """
         cos, sin = rope_cos_sin(self.cfg, positions)
         start = positions[:, 0]
@@ -219,17 +224,17 @@ class Transformer(nnx.Module):
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is not None:
                 layer_cache = None if cache is None else getattr(cache, name)
-                x, entries[name] = _decode_stack(stack, x, cos, sin, layer_cache, start)
+                x, entries[name] = _decode_stack(stack, x, cos, sin, layer_cache, start, prefill)
         return self.norm(x), DecodeCache(dense=entries.get("dense"), moe=entries.get("moe"))
 
     def mtp_decode(self, hidden: Float[Array, "batch seq embed"], next_ids: Int[Array, "batch seq"],
-                   positions: Int[Array, "batch seq"], cache: LatentCache | None = None
-                   ) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
+                   positions: Int[Array, "batch seq"], cache: LatentCache | None = None, *,
+                   prefill: bool = False) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
         """MTP depth 1 over a latent cache: from the main model's hidden at position i and the
         token at i + 1, the normed state whose `head` predicts token i + 2; and its cache entries."""
         cos, sin = rope_cos_sin(self.cfg, positions)
         _, normed, entries = self.mtp[0].decode(hidden, self.embed(next_ids), cos, sin, cache,
-                                                positions[:, 0])
+                                                positions[:, 0], prefill=prefill)
         return normed, entries
 
     def __call__(self, input_ids: Int[Array, "batch seq"],

@@ -89,6 +89,28 @@ class MLA(nnx.Module):
                       q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         return project(o, self.o_proj[...], 2, self.precision)
 
+    def prefill(self, x: Float[Array, "batch seq embed"], cos: Float[Array, "batch seq half"],
+                sin: Float[Array, "batch seq half"], cache: LatentCache | None,
+                start: Int[Array, "batch"] | None) -> tuple[Float[Array, "batch seq embed"], LatentCache]:
+        """Expanded-form attention of new tokens at `start[b] + i` over the cached prefix
+        `[0, start)` and themselves: `decode`'s function, computed as in training (blockwise,
+        keys and values expanded from the latent), the cheaper form for many new tokens.
+
+        `cache` is a window of each row's latent cache at least `start + seq` long (None:
+        nothing before the tokens). Returns the output and the new tokens' cache entries."""
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        if cache is None:
+            keys, offset, kv_len = (c_kv, k_pe), None, None
+        else:  # the chunk's entries written after the prefix, as the engine will store them
+            put = jax.vmap(lambda c, e, p: jax.lax.dynamic_update_slice_in_dim(c, e.astype(c.dtype), p, 0))
+            keys = put(cache.c_kv, c_kv, start), put(cache.k_pe, k_pe, start)
+            offset, kv_len = start, start + x.shape[1]
+        k_nope, v = self.expand(keys[0].astype(self.dtype))
+        o = attention(q_nope, q_pe, k_nope, keys[1].astype(self.dtype), v, scale=self.softmax_scale,
+                      q_offset=offset, kv_len=kv_len)
+        return project(o, self.o_proj[...], 2, self.precision), LatentCache(c_kv, k_pe)
+
     def expand(self, c_kv: Float[Array, "batch time kv_lora"]
                ) -> tuple[Float[Array, "batch time heads nope"], Float[Array, "batch time heads v"]]:
         """Per-head keys' position-free part and values from the latent (kv_b_proj)."""

@@ -44,8 +44,10 @@ class MTP(nnx.Module):
         return project(h, self.eh_proj[...], 1, self.precision)
 
     def decode(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"],
-               cos, sin, cache, start: Int[Array, "batch"]
+               cos, sin, cache, start: Int[Array, "batch"], *, prefill: bool = False
                ) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], object]:
-        """Cached counterpart of `__call__` (serving): (block output, normed state, new cache entries)."""
-        h, entries = self.block.decode(self.combine(h_prev, emb_next), cos, sin, cache, start)
+        """Cached counterpart of `__call__` (serving): (block output, normed state, new cache
+        entries); `prefill` as in `Block.decode`."""
+        h, entries = self.block.decode(self.combine(h_prev, emb_next), cos, sin, cache, start,
+                                       prefill=prefill)
         return h, self.shared_head_norm(h), entries
