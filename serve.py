@@ -36,6 +36,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default=None,
                    help="overrides --dtype; fp8 keeps an FP8 checkpoint's weights as stored")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill long prompts N tokens per scheduler step, decoding the other "
+                        "requests in between (default: whole prompts at once)")
     p.add_argument("--no-speculative", action="store_true",
                    help="no MTP speculative decoding (default: on when the model has an MTP layer)")
     return p.parse_args(argv)
@@ -65,9 +68,11 @@ def main(argv=None) -> None:
     max_seq_len = args.max_seq_len or min(cfg.max_position_embeddings, 4096)
     engine = Engine(model, max_seq_len=max_seq_len, max_batch=args.max_batch, mesh=mesh,
                     speculative=False if args.no_speculative else None, max_queue=args.max_queue,
-                    detokenize=tokenizer.decode if tokenizer is not None else None)
+                    detokenize=tokenizer.decode if tokenizer is not None else None,
+                    prefill_chunk=args.prefill_chunk)
     log(f"loaded {name}: {cfg.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s; "
         f"max_seq_len {max_seq_len}, max_batch {args.max_batch}, speculative {engine.speculative}, "
+        f"prefill chunk {args.prefill_chunk or 'whole prompts'}, "
         f"tokenizer {'yes' if tokenizer else 'none'}, chat template {'yes' if template else 'fallback'}")
     defaults = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)

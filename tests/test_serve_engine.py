@@ -63,8 +63,10 @@ def engine_greedy(engine, prompts, steps_):
     lengths[:n] = [len(p) for p in prompts]
     sp = engine._sampling(np.arange(B))  # idle engine: all slots greedy
     rows = np.where(np.arange(B) < n, np.arange(B), B).astype(np.int32)
+    next_ids = np.concatenate([ids[:, 1:], np.zeros((B, 1), np.int32)], axis=1)
     _, lg, engine._cache, engine._drafts = engine._prefill_fn(
-        engine._weights, engine._cache, engine._drafts, ids, lengths, rows, sp)
+        engine._weights, engine._cache, engine._drafts, ids, next_ids, np.zeros(B, np.int32),
+        lengths, np.ones(B, bool), rows, sp, window=0)
     logits, pos = [np.asarray(lg)[:n]], lengths.copy()
     for _ in range(steps_ - 1):
         tok = np.zeros(B, np.int32)

@@ -1,11 +1,14 @@
 """The inference engine: continuous batching over a preallocated absorbed-MLA latent cache.
 
 Requests wait in a bounded queue; each scheduler step (`Engine.step`, or the background thread
-from `Engine.start`) frees the slots of finished or cancelled requests, prefills queued prompts
-into free slots, then runs ONE decode step over all `max_batch` slots (one or two tokens per
-slot with MTP speculative decoding). Device programs live in dsv3_jax/serve/steps.py; their
-shapes are fixed (prefills bucketed by batch and prompt length), so there is no recompile per
-token or request. Token bookkeeping (stop tokens, stop strings, lengths) is host-side here.
+from `Engine.start`) frees the slots of finished or cancelled requests, admits queued prompts
+into free slots, prefills the admitted prompts (with `prefill_chunk=N`, N tokens of each
+prompt still prefilling per step, so a long prompt is prefilled over several steps and the
+other requests keep decoding in between), then runs ONE decode step over the slots that are
+done prefilling (one or two tokens per slot with MTP speculative decoding). Device programs
+live in dsv3_jax/serve/steps.py; their shapes are fixed (prefills bucketed by batch, chunk
+length and cache window), so there is no recompile per token or request. Token bookkeeping
+(stop tokens, stop strings, lengths) is host-side here.
 
 While the slots hold the same requests, decode steps are chained on the device: step n + 1 is
 dispatched with step n's tokens and positions as device arrays, and the host reads step n's
@@ -62,7 +65,8 @@ class Engine:
 
     def __init__(self, model, *, max_seq_len: int, max_batch: int, mesh=None,
                  speculative: bool | None = None, max_queue: int = 256,
-                 detokenize: Callable[[list[int]], str] | None = None):
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 prefill_chunk: int | None = None):
         cfg = self.cfg = model.cfg
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch ({max_batch}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
@@ -78,7 +82,10 @@ class Engine:
             raise ValueError("speculative decoding drafts with the MTP layer, and this model has "
                              "none (num_nextn_predict_layers = 0)")
         self.speculative = has_mtp if speculative is None else bool(speculative)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 tokens (or None: whole prompts), got {prefill_chunk}")
         self.max_seq_len, self.max_batch, self.max_queue = max_seq_len, max_batch, max_queue
+        self.prefill_chunk = prefill_chunk
         self.mesh, self.detokenize = mesh, detokenize
         self.dtype = model.dtype
         self.cache_bytes_per_token_per_layer = kv.bytes_per_token_per_layer(cfg, self.dtype)
@@ -88,6 +95,7 @@ class Engine:
         self._reset_device_state()
         B = max_batch
         self._slots: list[Request | None] = [None] * B
+        self._prefilling: dict[int, int] = {}  # slot -> prompt tokens in its cache so far
         self._last, self._pos = np.zeros(B, np.int32), np.zeros(B, np.int32)
         self._temperature, self._top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
         self._top_k, self._seed = np.zeros(B, np.int32), np.zeros(B, np.uint32)
@@ -141,6 +149,7 @@ class Engine:
         with self._step_lock, self._lock:
             self._thread = None
             self._inflight = None
+            self._prefilling.clear()
             for req in self._queue:
                 req._finish("cancelled")
             self._queue.clear()
@@ -184,7 +193,8 @@ class Engine:
         drafted, accepted = out["drafted"], out["accepted"]
         out.update(acceptance_rate=accepted / drafted if drafted else 0.0,
                    speculative=self.speculative,
-                   active=sum(r is not None for r in self._slots), queued=len(self._queue))
+                   active=sum(r is not None for r in self._slots), queued=len(self._queue),
+                   prefilling=len(self._prefilling))
         return out
 
     # -- scheduler ---------------------------------------------------------------------------
@@ -207,15 +217,22 @@ class Engine:
             if req is not None and (req._cancelled or req.finish_reason is not None):
                 req._finish("cancelled")
                 self._slots[i] = None
+                self._prefilling.pop(i, None)
         if self._queue and None in self._slots:
             self._drain()  # an admission changes the slots: read the step in flight first
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
-        if any(r is not None for r in self._slots):
+        for slot, _ in self._admit():
+            self._prefilling[slot] = 0
+        prefilled = bool(self._prefilling)
+        if prefilled:
+            self._prefill()
+        if any(r is not None for r in self._decoding()):
             self._decode()
             return True
-        return bool(admitted)
+        return prefilled
+
+    def _decoding(self) -> tuple:
+        """Each slot's request if it is done prefilling (else None): the decode steps' slots."""
+        return tuple(None if i in self._prefilling else r for i, r in enumerate(self._slots))
 
     def _dequeue(self, req: Request) -> None:
         """Take a cancelled request out of the queue (if it is still waiting there) and finish
@@ -263,26 +280,44 @@ class Engine:
         with jax.set_mesh(self.mesh):
             return fn(*args, **kw)
 
-    def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
-        by_bucket = collections.defaultdict(list)
-        for slot, req in admitted:
-            s = min(max(MIN_PREFILL, _pow2_at_least(len(req.prompt))), self.max_seq_len)
-            by_bucket[s].append((slot, req))
-        for s, group in sorted(by_bucket.items()):
-            n = min(self.shards * _pow2_at_least(-(-len(group) // self.shards)), self.max_batch)
-            ids = np.zeros((n, s), np.int32)
-            lengths = np.ones(n, np.int32)
-            rows = np.full(n, self.max_batch, np.int32)  # padding rows write nowhere
-            for i, (slot, req) in enumerate(group):
-                ids[i, :len(req.prompt)] = req.prompt
-                lengths[i], rows[i] = len(req.prompt), slot
+    def _prefill(self) -> None:
+        """The next chunk of every prompt still prefilling (the whole rest without
+        `prefill_chunk`), in one call per (chunk bucket, cache window); a prompt's last chunk
+        samples its first token and hands the slot to the decode steps."""
+        groups = collections.defaultdict(list)
+        for slot, done in self._prefilling.items():
+            prompt = self._slots[slot].prompt
+            n = len(prompt) - done
+            if self.prefill_chunk is not None:
+                n = min(n, self.prefill_chunk)
+            s = min(max(MIN_PREFILL, _pow2_at_least(n)), self.max_seq_len)
+            window = _pow2_at_least(done + s) if done else 0  # the view must reach start + s
+            groups[(s, window)].append((slot, done, n))
+        for (s, window), group in sorted(groups.items()):
+            rows_n = min(self.shards * _pow2_at_least(-(-len(group) // self.shards)), self.max_batch)
+            ids, next_ids = np.zeros((rows_n, s), np.int32), np.zeros((rows_n, s), np.int32)
+            start, lengths = np.zeros(rows_n, np.int32), np.ones(rows_n, np.int32)
+            final = np.zeros(rows_n, bool)
+            rows = np.full(rows_n, self.max_batch, np.int32)  # padding rows write nowhere
+            for i, (slot, done, n) in enumerate(group):
+                prompt = self._slots[slot].prompt
+                ids[i, :n] = prompt[done:done + n]
+                after = prompt[done + 1:done + n + 1]
+                next_ids[i, :len(after)] = after
+                start[i], lengths[i], rows[i] = done, n, slot
+                final[i] = done + n == len(prompt)
             sp = self._sampling(np.where(rows < self.max_batch, rows, 0))
             first, _, self._cache, self._drafts = self._call(
-                self._prefill_fn, self._weights, self._cache, self._drafts, ids, lengths, rows, sp)
+                self._prefill_fn, self._weights, self._cache, self._drafts, ids, next_ids, start,
+                lengths, final, rows, sp, window=window)
             first = np.asarray(first)
             self._stats["prefills"] += 1
-            for i, (slot, req) in enumerate(group):
-                self._last[slot], self._pos[slot] = first[i], len(req.prompt)
+            for i, (slot, done, n) in enumerate(group):
+                if not final[i]:
+                    self._prefilling[slot] = done + n
+                    continue
+                del self._prefilling[slot]
+                self._last[slot], self._pos[slot] = first[i], done + n
                 self._commit(slot, [int(first[i])])
 
     def _put(self, host: np.ndarray) -> jax.Array:
@@ -292,10 +327,10 @@ class Engine:
     def _decode(self) -> None:
         """Dispatch one decode step over all slots, then read the previous one (see the module
         docstring); with the same requests in the slots the step's inputs stay on the device."""
-        prev, reqs = self._inflight, tuple(self._slots)
+        prev, reqs = self._inflight, self._decoding()
         if prev is not None and any(a is not b for a, b in zip(prev.requests, reqs)):
             self._drain()
-            prev, reqs = None, tuple(self._slots)
+            prev, reqs = None, self._decoding()
         if prev is not None and all(r is None or len(r.tokens) + 1 >= r.params.max_new_tokens
                                     for r in reqs):
             self._drain()  # the step in flight ends every request: start no other
@@ -365,6 +400,7 @@ class Engine:
 
     def _fail_active(self, message: str) -> None:
         self._inflight = None
+        self._prefilling.clear()
         for i, req in enumerate(self._slots):
             if req is not None:
                 req._finish("error", message)

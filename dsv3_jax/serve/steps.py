@@ -5,7 +5,7 @@ the updated cache; the cache (and the speculative draft state) is donated, so th
 updated in place. The weights travel as the flat list of the model state's leaves: jit flattens
 a list in C++, an `nnx.State` in Python (about 0.2 ms per call on CPU, a tenth of a small
 model's decode step). Shapes are fixed by the engine (all `max_batch` slots per decode step;
-prefills bucketed by batch and prompt length; decode steps read the cache up to a power-of-two
+prefills bucketed by batch, chunk length and cache window; decode steps read the cache up to a power-of-two
 window past the furthest slot), so nothing recompiles per token or request.
 """
 
@@ -57,26 +57,47 @@ def _merge(structure, weights: list[jax.Array]):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
 
+def _rows_view(cache: DecodeCache, rows: Int[Array, "n"], window: int) -> DecodeCache:
+    """Slots `rows` of the cache over positions [0, window), zero-padded past the cache's end
+    (a padding row, == max_batch, reads slot 0: its results are dropped)."""
+    def view(a):
+        batch, time = a.shape[-3], a.shape[-2]
+        a = jnp.take(a[..., :window, :], jnp.minimum(rows, batch - 1), axis=-3)
+        if window > time:
+            a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, window - time), (0, 0)])
+        return a
+
+    return jax.tree.map(view, cache)
+
+
 def prefill(structure, weights, cache: DecodeCache, drafts: DraftState | None, ids: Int[Array, "n s"],
-            lengths: Int[Array, "n"], rows: Int[Array, "n"], sp: SamplingArrays):
-    """Run prompts (right-padded to s) from position 0, write their entries into slots `rows`
-    (max_batch: a padding row, dropped), sample each first token. Returns (first tokens, their
-    logits, cache, drafts) with the MTP draft of the token after the first when `drafts` is given."""
+            next_ids: Int[Array, "n s"], start: Int[Array, "n"], lengths: Int[Array, "n"],
+            final: Array, rows: Int[Array, "n"], sp: SamplingArrays, *, window: int):
+    """Prefill one chunk per prompt: the `lengths[i]` tokens `ids[i]` (right-padded to s) at
+    positions `start[i] + j`, attending (expanded, blockwise) over slot `rows[i]`'s cached
+    prefix [0, start[i]) (`window` >= start + s: how far that view reaches; 0 when every start
+    is 0), written into the slot (max_batch: a padding row, dropped); samples the token after
+    each chunk, the request's first token where `final[i]`. `next_ids[i, j]` is the prompt token
+    after position start + j (MTP sees it; the sampled token replaces it after a final chunk's
+    last). Returns (tokens, their logits, cache, drafts) with the MTP draft of the token after
+    the first for final rows when `drafts` is given."""
     model = _merge(structure, weights)
     n, s = ids.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (n, s))
-    hidden, entries = model.decode(ids, positions)
+    positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)
+    view = _rows_view(cache, rows, window) if window else None
+    hidden, entries = model.decode(ids, positions, view, prefill=True)
     last = lengths - 1
     logits = model.head(_at(hidden, last))[:, 0]
-    first = sample(logits, sp, lengths)
+    first = sample(logits, sp, start + lengths)
     if drafts is not None:
-        # MTP at position i sees the token at i + 1: the prompt shifted, then the first token
-        next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros((n, 1), ids.dtype)], axis=1)
-        next_ids = next_ids.at[jnp.arange(n), last].set(first)
-        normed, entries.mtp = model.mtp_decode(hidden, next_ids, positions)
-        token, q = speculative.draft(model.head(_at(normed, last))[:, 0], sp, lengths + 1)
-        drafts = DraftState(drafts.token.at[rows].set(token, mode="drop"),
-                            drafts.q.at[rows].set(q, mode="drop")).pinned()
+        after_last = final[:, None] & (jnp.arange(s)[None, :] == last[:, None])
+        next_ids = jnp.where(after_last, first[:, None], next_ids)
+        normed, entries.mtp = model.mtp_decode(hidden, next_ids, positions,
+                                               None if view is None else view.mtp, prefill=True)
+        token, q = speculative.draft(model.head(_at(normed, last))[:, 0], sp, start + lengths + 1)
+        done = jnp.where(final, rows, drafts.token.shape[0])
+        drafts = DraftState(drafts.token.at[done].set(token, mode="drop"),
+                            drafts.q.at[done].set(q, mode="drop")).pinned()
     return first, logits, kv.write(cache, entries, rows, positions), drafts
 
 
@@ -132,7 +153,8 @@ def jitted(graphdef, treedef):
         def jit(fn, donate, static=()):
             return jax.jit(functools.partial(fn, (graphdef, treedef)), donate_argnames=donate,
                            static_argnames=static)
-        _JITTED[key] = (jit(prefill, ("cache", "drafts")), jit(decode, ("cache",), ("window",)),
+        _JITTED[key] = (jit(prefill, ("cache", "drafts"), ("window",)),
+                        jit(decode, ("cache",), ("window",)),
                         jit(speculative_decode, ("cache", "drafts"), ("window",)))
         while len(_JITTED) > 8:
             _JITTED.popitem(last=False)

@@ -1,0 +1,76 @@
+"""The engine's prefill: expanded blockwise attention, in chunks (`prefill_chunk`) against one
+whole-prompt prefill, and decode steps of other requests running between a prompt's chunks."""
+
+import jax
+import numpy as np
+import pytest
+
+from dsv3_jax import ModelConfig, init_model
+from dsv3_jax.serve.engine import Engine, SamplingParams
+from tests.conftest import FIXTURES, ROOT
+from tests.test_serve_engine import full_forward_greedy
+
+TINY = ModelConfig.from_json(ROOT / "configs" / "tiny.json")
+MTP_CFG = ModelConfig.from_json(FIXTURES / "v3_mtp").replace(max_position_embeddings=256)
+LONG = [int(t) for t in np.random.default_rng(5).integers(3, 250, 45)]
+T = 128
+
+
+def _prefill_only(engine: Engine, prompts) -> int:
+    """Admit `prompts` and run prefill calls until every one is done; returns the calls made."""
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=8)) for p in prompts]
+    for slot, _ in engine._admit():
+        engine._prefilling[slot] = 0
+    calls = 0
+    while engine._prefilling:
+        engine._prefill()
+        calls += 1
+    return calls, reqs
+
+
+def test_chunked_prefill_writes_what_one_prefill_writes():
+    """Latent caches (main stacks and MTP), first tokens and MTP drafts: a 45-token and a
+    16-token prompt prefilled 8 tokens at a time, as in one call each."""
+    model = init_model(MTP_CFG, seed=0)
+    prompts = [LONG, LONG[3:19]]
+    whole = Engine(model, max_seq_len=T, max_batch=2, speculative=True)
+    chunked = Engine(model, max_seq_len=T, max_batch=2, speculative=True, prefill_chunk=8)
+    calls_whole, reqs_whole = _prefill_only(whole, prompts)
+    calls_chunked, reqs_chunked = _prefill_only(chunked, prompts)
+    assert calls_whole == 1 and calls_chunked == 6  # ceil(45 / 8)
+    assert [r.tokens for r in reqs_chunked] == [r.tokens for r in reqs_whole]
+    for name in ("dense", "moe", "mtp"):
+        for field in ("c_kv", "k_pe"):
+            a = np.asarray(getattr(getattr(whole._cache, name), field))
+            b = np.asarray(getattr(getattr(chunked._cache, name), field))
+            for slot, p in enumerate(prompts):
+                got, want = b[..., slot, :len(p), :], a[..., slot, :len(p), :]
+                assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (name, field, slot)
+    assert np.array_equal(np.asarray(chunked._drafts.token), np.asarray(whole._drafts.token))
+    np.testing.assert_allclose(np.asarray(chunked._drafts.q), np.asarray(whole._drafts.q), atol=1e-5)
+
+
+def test_requests_decode_between_the_chunks_of_a_long_prompt():
+    model = init_model(TINY, seed=0)
+    short = [5, 6, 7, 8, 9]
+    ref = full_forward_greedy(model, [short, LONG], 20)[0]
+    engine = Engine(model, max_seq_len=T, max_batch=2, speculative=False, prefill_chunk=8)
+    a = engine.submit(short, SamplingParams(max_new_tokens=20))
+    engine.step()
+    b = engine.submit(LONG, SamplingParams(max_new_tokens=20))
+    engine.step()  # b's first chunk, and a decode step for a alone (read one step later)
+    assert engine.stats()["prefilling"] == 1 and len(a.tokens) == 2 and b.tokens == []
+    while engine.stats()["prefilling"]:
+        before = len(a.tokens)
+        engine.step()
+        assert len(a.tokens) == before + 1  # a kept decoding, one token per step
+    assert a.result() == ref[0] and b.result() == ref[1]
+    # chunk buckets and cache windows compile once: the same request again adds nothing
+    size = engine._prefill_fn._cache_size()
+    assert engine.generate([LONG], 4) == [ref[1][:4]]
+    assert engine._prefill_fn._cache_size() == size
+
+
+def test_prefill_chunk_must_be_positive():
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        Engine(init_model(TINY, seed=0), max_seq_len=T, max_batch=1, prefill_chunk=0)
