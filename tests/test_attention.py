@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT
+
 from dsv3_jax.layers.attention import attention, block_sizes, dense_attention
 
 B, H, DN, DR, DV = 2, 3, 16, 8, 12
@@ -97,3 +99,83 @@ def test_block_sizes():
     assert block_sizes(4096, 4096, "gpu") == (512, 512)
     assert block_sizes(4096, 4096, "cpu") == (256, 512)
     assert block_sizes(45, 3, "tpu") == (48, 8)
+
+
+# ------------------------------------------------------------------- backend kernels
+def test_each_backend_gets_its_kernel_where_it_applies(monkeypatch):
+    from dsv3_jax.layers import attention as A
+    pick = lambda platform, dtype=jnp.bfloat16, sq=4096, sk=4096, offsets=False, segments=False: \
+        A.default_implementation(dtype, sq, sk, offsets=offsets, segments=segments, platform=platform)
+    monkeypatch.setattr(A, "_have_cudnn", lambda: True)
+    assert pick("tpu") == "splash" and pick("tpu", segments=True) == "splash"
+    assert pick("gpu") == "cudnn" and pick("gpu", segments=True) == "blockwise"
+    assert pick("cpu") == "blockwise"
+    for platform in ("tpu", "gpu"):
+        assert pick(platform, dtype=jnp.float32) == "blockwise"       # fp32: the reference
+        assert pick(platform, sq=512, offsets=True) == "blockwise"    # chunked prefill
+    monkeypatch.setattr(A, "_have_cudnn", lambda: False)
+    assert pick("gpu") == "blockwise"
+    with pytest.raises(ValueError, match="implementation 'flash'"):
+        attention(*_operands(8, 8), scale=0.3, implementation="flash")
+
+
+def test_splash_wrapper_matches_blockwise_in_interpret_mode():
+    """MLA's split operands joined, scaled, padded (200 -> 256 tokens), segment ids, through the
+    TPU kernel (Pallas interpret mode on CPU), forward and gradients."""
+    seg = jnp.asarray(np.sort(np.random.default_rng(2).integers(0, 3, (B, 200)), axis=1))
+    ops = _operands(200, 200)  # fp32: XLA:CPU has no bf16 x bf16 -> f32 dot for some layouts
+    kw = dict(q_segment_ids=seg, kv_segment_ids=seg)
+    got = attention(*ops, scale=0.3, implementation="splash", **kw)
+    want = attention(*ops, scale=0.3, implementation="blockwise", **kw)
+    assert _rel(got, want) < 1e-4
+    g = _grads(lambda *a, **k: attention(*a, implementation="splash", **k), ops, **kw)
+    w = _grads(lambda *a, **k: attention(*a, implementation="blockwise", **k), ops, **kw)
+    for name, x, y in zip(("q_nope", "q_pe", "k_nope", "k_pe", "v"), g, w):
+        assert _rel(x, y) < 1e-4, (name, _rel(x, y))
+
+
+KERNEL_PROBE = """
+import sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding
+from dsv3_jax.aot.targets import parse_target
+from dsv3_jax.layers.attention import attention
+from sharding import make_mesh
+from sharding.rules import logical_to_spec
+
+mesh = make_mesh("data=4,tensor=2", devices=parse_target(sys.argv[1], 8).devices(8))
+b, s, h = 8, 1000, 8  # 1000: padded to the kernels' multiples
+heads = ("batch", "seq", "heads", None)
+args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(
+            mesh, logical_to_spec(axes, shape, mesh)))
+        for shape, axes in (((b, s, h, 128), heads), ((b, s, h, 64), heads), ((b, s, h, 128), heads),
+                            ((b, s, 64), ("batch", "seq", None)), ((b, s, h, 128), heads))]
+loss = lambda *a: jnp.sum(attention(*a, scale=0.1).astype(jnp.float32))
+with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=range(5))).lower(*args).compile().as_text()
+print(hlo.count(sys.argv[2]), hlo.count(" while("))
+"""
+
+
+@pytest.mark.parametrize("target, call", [("tpu-v5p:2x2x2", 'custom_call_target="tpu_custom_call"'),
+                                          ("h100:1x8", 'custom_call_target="__cudnn$fmha')])
+def test_backend_kernels_lower_for_the_real_compilers(target, call):
+    """Forward + backward of bf16 MLA attention on a data=4,tensor=2 mesh, compiled by libtpu /
+    XLA:GPU (deviceless): the kernel's custom calls are in the program and no blockwise loop."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from dsv3_jax.aot.targets import parse_target
+    from dsv3_jax.layers.attention import _have_cudnn
+
+    if importlib.util.find_spec("libtpu" if target.startswith("tpu") else "jax_plugins.xla_cuda12") is None:
+        pytest.skip('the target compiler is missing: pip install -e ".[aot]"')
+    if target.startswith("h100") and not _have_cudnn():
+        pytest.skip('cuDNN is missing: pip install -e ".[aot]"')
+    env = dict(os.environ, **parse_target(target, 8).environ(8))
+    proc = subprocess.run([sys.executable, "-c", KERNEL_PROBE, target, call], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls, loops = (int(v) for v in proc.stdout.split()[-2:])
+    assert calls >= 2 and loops == 0, (calls, loops)  # forward and backward kernels

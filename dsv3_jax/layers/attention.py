@@ -16,8 +16,13 @@ the same segment (packed documents). Training passes neither offset nor lengths;
 chunked prefill attends a chunk of queries at `q_offset` over the cache's first `kv_len`
 positions.
 
-`attention` is pure JAX, the reference and the default on every backend; `BLOCK_SIZES` picks
-the blocks per backend.
+The blockwise form is pure JAX: the reference, tested on CPU, and the default wherever no
+backend kernel applies. Where one does (causal attention with no offsets, bf16/fp16 operands),
+`attention` uses it: on TPU Pallas splash attention (MLA's 192-dim keys and 128-dim values as
+they are, segment ids supported; run per shard under `shard_map` over the logical batch and
+heads axes), on NVIDIA GPUs cuDNN flash attention through `jax.nn.dot_product_attention`
+(whose API needs V as wide as K: V is zero-padded to 192, +20% attention FLOPs; no segment
+ids). `implementation=` forces a choice; `block_sizes` picks the blocks per backend.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
+
+from sharding.mesh import platform as mesh_platform
+from sharding.rules import logical_to_spec
+
+IMPLEMENTATIONS = ("blockwise", "splash", "cudnn")
 
 _NEG = -jnp.inf
 _M0 = -1e30  # running-max start: finite, so a fully masked row gives exp(-inf - m0) = 0, not NaN
@@ -49,15 +59,27 @@ def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "b
               q_offset: Int[Array, "batch"] | None = None, kv_len: Int[Array, "batch"] | None = None,
               q_segment_ids: Int[Array, "batch sq"] | None = None,
               kv_segment_ids: Int[Array, "batch sk"] | None = None,
-              block_q: int | None = None, block_k: int | None = None
-              ) -> Float[Array, "batch sq heads dv"]:
+              block_q: int | None = None, block_k: int | None = None,
+              implementation: str | None = None) -> Float[Array, "batch sq heads dv"]:
     """Causal softmax attention `softmax(scale * (q_nope k_nope^T + q_pe k_pe^T) + mask) v`,
     scores and softmax in fp32, the probabilities cast to v's dtype for the value product (as
-    the dense form does); output in v's dtype."""
+    the dense form does); output in v's dtype. `implementation`: one of IMPLEMENTATIONS, None
+    for the backend's kernel where it applies (see the module docstring)."""
     b, sq, h, _ = q_nope.shape
     sk = k_nope.shape[1]
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("attention: pass both q_segment_ids and kv_segment_ids, or neither")
+    impl = implementation or default_implementation(
+        q_nope.dtype, sq, sk, offsets=q_offset is not None or kv_len is not None,
+        segments=q_segment_ids is not None)
+    if impl == "splash":
+        return _splash(q_nope, q_pe, k_nope, k_pe, v, scale, q_segment_ids, kv_segment_ids)
+    if impl == "cudnn":
+        if q_segment_ids is not None or q_offset is not None or kv_len is not None:
+            raise ValueError("attention: the cuDNN kernel takes no segment ids, offsets or lengths")
+        return _cudnn(q_nope, q_pe, k_nope, k_pe, v, scale)
+    if impl != "blockwise":
+        raise ValueError(f"attention: implementation {impl!r}; allowed {IMPLEMENTATIONS}")
     dq, dk = block_sizes(sq, sk)
     bq, bk = block_q or dq, block_k or dk
     q_offset = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
@@ -72,6 +94,93 @@ def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "b
                  q_offset, kv_len, padq(q_segment_ids.astype(jnp.int32)),
                  padk(kv_segment_ids.astype(jnp.int32)))
     return out[:, :sq]
+
+
+def _platform() -> str:
+    """The backend being compiled for: the context mesh's devices (AOT compiles for TPU/GPU
+    run on the CPU backend), else JAX's default backend."""
+    return mesh_platform(jax.sharding.get_abstract_mesh())
+
+
+def default_implementation(dtype, seq_q: int, seq_k: int, *, offsets: bool, segments: bool,
+                           platform: str | None = None) -> str:
+    """The backend kernel where it applies (causal, no offsets, bf16/fp16), else "blockwise"."""
+    platform = platform or _platform()
+    if offsets or seq_q != seq_k or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "blockwise"
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu" and not segments and _have_cudnn():
+        return "cudnn"
+    return "blockwise"
+
+
+@functools.cache
+def _have_cudnn() -> bool:
+    """Whether cuDNN loads (always with jax[cuda]; an AOT host may lack it, then blockwise)."""
+    try:
+        from jax._src.lib import cuda_versions
+        return cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
+    except Exception:  # no CUDA plugin, or the plugin without cuDNN
+        return False
+
+
+def _concat_heads(q_nope, q_pe, k_nope, k_pe):
+    """MLA's split operands as one 192-dim query and key per head (k_pe broadcast)."""
+    k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))
+    return jnp.concatenate([q_nope, q_pe], -1), jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], -1)
+
+
+def _pad_seq(multiple: int, *xs):
+    """Zero tokens appended to a multiple of `multiple`: under a causal mask no real query sees
+    them (they come after every real token), so the kernels' length rules cost nothing else."""
+    pad = -xs[0].shape[1] % multiple
+    return [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs]
+
+
+def _cudnn(q_nope, q_pe, k_nope, k_pe, v, scale):
+    s, dv = q_nope.shape[1], v.shape[-1]
+    q, k = _concat_heads(q_nope, q_pe, k_nope, k_pe)
+    q, k, v = _pad_seq(64, q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)]))
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+    return out[:, :s, :, :dv]
+
+
+def _splash(q_nope, q_pe, k_nope, k_pe, v, scale, q_seg, k_seg):
+    """Pallas splash attention (TPU), per shard of the logical batch and heads axes; forced on
+    another backend it runs in Pallas interpret mode (slow: for tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, seq, h, _ = q_nope.shape
+    seg = jnp.zeros((b, seq), jnp.int32) if q_seg is None else q_seg.astype(jnp.int32)
+    q_nope, q_pe, k_nope, k_pe, v, seg = _pad_seq(128 if seq <= 512 else 512,
+                                                  q_nope, q_pe, k_nope, k_pe, v, seg)
+    s = q_nope.shape[1]
+    blk = min(512, s)
+
+    def local(qn, qp, kn, kp, v, seg):
+        q, k = _concat_heads(qn * scale, qp * scale, kn, kp)
+        heads = q.shape[2]
+        kernel = sk.make_splash_mha(
+            sm.MultiHeadMask([sm.CausalMask((s, s)) for _ in range(heads)]),
+            head_shards=1, q_seq_shards=1, interpret=_platform() != "tpu",
+            block_sizes=sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk,
+                                      block_q_dkv=blk, block_kv_dkv=blk, block_kv_dkv_compute=blk,
+                                      block_q_dq=blk, block_kv_dq=blk))
+        one = lambda q, k, v, sg: kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+                                         segment_ids=sk.SegmentIds(sg, sg)).swapaxes(0, 1)
+        return jax.vmap(one)(q, k, v, seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q_nope, q_pe, k_nope, k_pe, v, seg)[:, :seq]
+    spec = lambda axes, x: logical_to_spec(axes, x.shape, mesh)
+    heads = ("batch", "seq", "heads", None)
+    specs = (spec(heads, q_nope), spec(heads, q_pe), spec(heads, k_nope),
+             spec(("batch", "seq", None), k_pe), spec(heads, v), spec(("batch", "seq"), seg))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=spec(heads, v),
+                         check_vma=False)(q_nope, q_pe, k_nope, k_pe, v, seg)[:, :seq]
 
 
 def dense_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=None, kv_len=None,
