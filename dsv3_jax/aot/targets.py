@@ -36,6 +36,7 @@ TPUS = {"tpu-v4": ("v4", 3, 2, "tpu-v4"), "tpu-v5e": ("v5e", 2, 1, "tpu-v5e"),
 # name: (the device_description_str of XLA's target config, planner device)
 GPUS = {"h100": ("NVIDIA H100 80GB HBM3", "h100-80g"), "h200": ("NVIDIA H200 141GB HBM3e", "h200"),
         "b200": ("NVIDIA B200", "b200"), "a100": ("NVIDIA A100-SXM4-80GB", "a100-80g")}
+COMPUTE_CAPABILITY = {"h100": "9.0", "h200": "9.0", "b200": "10.0", "a100": "8.0"}
 NAMES = ("cpu", *TPUS, *GPUS)
 # standard slice shapes (chips), smallest first
 GRIDS = {3: ["1x1x1", "2x1x1", "2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8",
@@ -108,6 +109,7 @@ class Target:
             topo = topologies.get_topology_desc(
                 platform="cuda", topology_name="", topology=f"1x{hosts}x{gpus}",
                 target_config=gpu_target_config(GPUS[self.name][0]))
+            _target_cudnn_checks(COMPUTE_CAPABILITY[self.name])
         devices = list(topo.devices)
         if len(devices) != n:
             raise TargetError(f"target {self.spec} has {len(devices)} devices; the mesh has {n}")
@@ -151,6 +153,18 @@ def parse_target(text: str, devices: int) -> Target:
         raise TargetError(f"target {target.spec} has {target.device_count} devices but the mesh "
                           f"has {devices}")
     return target
+
+
+def _target_cudnn_checks(capability: str) -> None:
+    """JAX's cuDNN attention checks the compute capability of the local GPU before lowering;
+    a deviceless compile has none, so the checks are answered for the target's GPU."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except ImportError:  # a JAX without the cuDNN attention module: nothing to answer
+        return
+    have = tuple(int(v) for v in capability.split("."))
+    fa.check_compute_capability = lambda cap: have >= tuple(int(v) for v in cap.split("."))
+    fa.is_cuda_compute_capability_equal = lambda cap: cap == capability
 
 
 def _require(module: str, what: str) -> None:
