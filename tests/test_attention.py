@@ -179,3 +179,17 @@ def test_backend_kernels_lower_for_the_real_compilers(target, call):
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls, loops = (int(v) for v in proc.stdout.split()[-2:])
     assert calls >= 2 and loops == 0, (calls, loops)  # forward and backward kernels
+
+
+def test_implementation_context_reaches_every_call(monkeypatch):
+    from dsv3_jax.layers import attention as A
+    calls = []
+    monkeypatch.setattr(A, "dense_attention", lambda *a, **k: calls.append(1) or a[-1][..., :1, :, :])
+    ops = _operands(8, 8)
+    with A.implementation("dense"):
+        A.attention(*ops, scale=0.3)
+    A.attention(*ops, scale=0.3)  # outside: blockwise again
+    assert calls == [1]
+    with pytest.raises(ValueError, match="allowed"):
+        with A.implementation("flash"):
+            pass

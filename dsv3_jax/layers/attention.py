@@ -22,11 +22,15 @@ backend kernel applies. Where one does (causal attention with no offsets, bf16/f
 they are, segment ids supported; run per shard under `shard_map` over the logical batch and
 heads axes), on NVIDIA GPUs cuDNN flash attention through `jax.nn.dot_product_attention`
 (whose API needs V as wide as K: V is zero-padded to 192, +20% attention FLOPs; no segment
-ids). `implementation=` forces a choice; `block_sizes` picks the blocks per backend.
+ids). `implementation=` (or the `implementation(...)` context) forces a choice, "dense" being
+the whole-score-matrix form the model used before (the oracle); `block_sizes` picks the blocks
+per backend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -37,7 +41,21 @@ from jaxtyping import Array, Float, Int
 from sharding.mesh import platform as mesh_platform
 from sharding.rules import logical_to_spec
 
-IMPLEMENTATIONS = ("blockwise", "splash", "cudnn")
+IMPLEMENTATIONS = ("blockwise", "splash", "cudnn", "dense")
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention", default=None)
+
+
+@contextlib.contextmanager
+def implementation(name: str | None):
+    """`with implementation("dense"): ...` makes every `attention` call traced inside use that
+    implementation (None: the default choice), e.g. to compare kernels in a benchmark."""
+    if name is not None and name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {name!r}; allowed {IMPLEMENTATIONS}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 _NEG = -jnp.inf
 _M0 = -1e30  # running-max start: finite, so a fully masked row gives exp(-inf - m0) = 0, not NaN
@@ -69,7 +87,7 @@ def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "b
     sk = k_nope.shape[1]
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("attention: pass both q_segment_ids and kv_segment_ids, or neither")
-    impl = implementation or default_implementation(
+    impl = implementation or _FORCED.get() or default_implementation(
         q_nope.dtype, sq, sk, offsets=q_offset is not None or kv_len is not None,
         segments=q_segment_ids is not None)
     if impl == "splash":
@@ -78,6 +96,10 @@ def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "b
         if q_segment_ids is not None or q_offset is not None or kv_len is not None:
             raise ValueError("attention: the cuDNN kernel takes no segment ids, offsets or lengths")
         return _cudnn(q_nope, q_pe, k_nope, k_pe, v, scale)
+    if impl == "dense":
+        return dense_attention(q_nope, q_pe, k_nope, k_pe, v, scale=scale, q_offset=q_offset,
+                               kv_len=kv_len, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids)
     if impl != "blockwise":
         raise ValueError(f"attention: implementation {impl!r}; allowed {IMPLEMENTATIONS}")
     dq, dk = block_sizes(sq, sk)
