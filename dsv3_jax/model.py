@@ -86,9 +86,9 @@ def _stack_blocks(cfg: ModelConfig, n: int, rngs: nnx.Rngs, **kw) -> Block:
     return stack
 
 
-def _run_stack(stack: Block, x, cos, sin, remat: bool):
+def _run_stack(stack: Block, x, cos, sin, remat: bool, segment_ids=None):
     def body(carry, block):
-        x, aux = block(carry, cos, sin)
+        x, aux = block(carry, cos, sin, segment_ids)
         return constrain(x, ACT), aux
 
     if remat:
@@ -122,15 +122,20 @@ jax.tree_util.register_dataclass(DecodeCache, data_fields=["dense", "moe", "mtp"
 
 @dataclasses.dataclass
 class ModelOutput:
-    """Everything one forward pass computes."""
+    """Everything one forward pass computes.
 
-    logits: Float[Array, "batch seq vocab"]               # fp32
+    With `forward(..., logits=False)` (training: the loss applies the head chunk by chunk,
+    dsv3_jax/train/losses.py) `logits` is None and `mtp_logits` empty; `hidden` and
+    `mtp_hidden` are what the head reads."""
+
+    logits: Float[Array, "batch seq vocab"] | None        # fp32
     hidden: Float[Array, "batch seq embed"]               # final hidden state after the final norm
     mtp_logits: tuple[Float[Array, "batch _ vocab"], ...]  # depth k: [batch, seq - k, vocab]
     expert_counts: Int[Array, "moe_layers experts"]       # routed rows per expert per MoE layer
     balance: Float[Array, "moe_layers"]                   # sequence-wise balance term per layer
     dropped: Int[Array, "moe_layers"]                     # rows dropped by a capacity limit (0: dropless)
     mtp_expert_counts: Int[Array, "depth experts"] | None = None
+    mtp_hidden: tuple[Float[Array, "batch _ embed"], ...] = ()  # depth k: head input, [b, seq - k, D]
 
 
 jax.tree_util.register_dataclass(
@@ -167,43 +172,54 @@ class Transformer(nnx.Module):
 
     def head(self, h: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq vocab"]:
         """Output head, logits in fp32."""
-        return jnp.einsum("bsd,dv->bsv", h.astype(self.dtype), self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return head_logits(h, self.lm_head[...], self.dtype)
 
     def forward(self, input_ids: Int[Array, "batch seq"], positions: Int[Array, "batch seq"] | None = None,
-                *, mtp: bool = False) -> ModelOutput:
-        """Full forward pass; with `mtp=True` also the MTP logits of every depth."""
+                *, segment_ids: Int[Array, "batch seq"] | None = None, mtp: bool = False,
+                logits: bool = True) -> ModelOutput:
+        """Full forward pass; with `mtp=True` also every MTP depth.
+
+        `segment_ids`: packed documents (same id = same document, contiguous runs); a token
+        attends only to earlier tokens of its own document, and `positions` default to ones
+        that restart at 0 at each document start (`segment_positions`). `logits=False` skips
+        the vocabulary projection (the training loss applies the head in chunks to `hidden`
+        and `mtp_hidden`)."""
         check_token_ids(input_ids, self.cfg.vocab_size)
-        b, s = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        positions = default_positions(input_ids.shape, positions, segment_ids)
         cos, sin = rope_cos_sin(self.cfg, positions)
         x = constrain(self.embed(input_ids), ACT)
         if self.dense_layers is not None:
-            x, _ = _run_stack(self.dense_layers, x, cos, sin, self.remat)
+            x, _ = _run_stack(self.dense_layers, x, cos, sin, self.remat, segment_ids)
         E = self.cfg.n_routed_experts
         aux = {"expert_counts": jnp.zeros((0, E), jnp.int32), "balance": jnp.zeros((0,), jnp.float32),
                "dropped": jnp.zeros((0,), jnp.int32)}
         if self.moe_layers is not None:
-            x, aux = _run_stack(self.moe_layers, x, cos, sin, self.remat)
+            x, aux = _run_stack(self.moe_layers, x, cos, sin, self.remat, segment_ids)
         hidden = self.norm(x)
-        out = ModelOutput(logits=self.head(hidden), hidden=hidden, mtp_logits=(),
-                          expert_counts=aux["expert_counts"], balance=aux["balance"],
-                          dropped=aux["dropped"])
+        out = ModelOutput(logits=self.head(hidden) if logits else None, hidden=hidden,
+                          mtp_logits=(), expert_counts=aux["expert_counts"],
+                          balance=aux["balance"], dropped=aux["dropped"])
         if mtp and len(self.mtp):
-            out.mtp_logits, out.mtp_expert_counts = self.mtp_forward(input_ids, hidden, cos, sin)
+            out.mtp_hidden, out.mtp_expert_counts = self.mtp_forward(input_ids, hidden, cos, sin,
+                                                                     segment_ids)
+            if logits:
+                out.mtp_logits = tuple(self.head(h) for h in out.mtp_hidden)
         return out
 
-    def mtp_forward(self, input_ids, hidden, cos, sin):
-        """Logits of each MTP depth k ([batch, seq - k, vocab]) and their expert counts."""
-        logits, counts = [], []
+    def mtp_forward(self, input_ids, hidden, cos, sin, segment_ids=None, *, embed=None):
+        """The normed state of each MTP depth k ([batch, seq - k, embed]; `head` of it predicts
+        token i + k + 1) and their expert counts. `embed`: how to embed the shifted ids
+        (default `self.embed`)."""
+        embed = embed or self.embed
+        states, counts = [], []
         h = hidden
         for k, module in enumerate(self.mtp, start=1):
-            emb_next = self.embed(input_ids[:, k:])
-            h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k])
-            logits.append(self.head(h_normed))
+            seg = None if segment_ids is None else segment_ids[:, :-k]
+            h, h_normed, aux = module(h[:, :-1], embed(input_ids[:, k:]), cos[:, :-k], sin[:, :-k],
+                                      seg)
+            states.append(h_normed)
             counts.append(aux["expert_counts"])
-        return tuple(logits), jnp.stack(counts)
+        return tuple(states), jnp.stack(counts)
 
     def decode(self, input_ids: Int[Array, "batch seq"], positions: Int[Array, "batch seq"],
                cache: DecodeCache | None = None, *, prefill: bool = False
@@ -241,6 +257,33 @@ class Transformer(nnx.Module):
                  positions: Int[Array, "batch seq"] | None = None) -> Float[Array, "batch seq vocab"]:
         """fp32 logits [batch, seq, vocab]."""
         return self.forward(input_ids, positions).logits
+
+
+def head_logits(h: Float[Array, "batch seq embed"], lm_head: Float[Array, "embed vocab"], dtype
+                ) -> Float[Array, "batch seq vocab"]:
+    """The output head: operands in the compute dtype, fp32 accumulation and logits (the one
+    definition `Transformer.head` and the chunked loss share)."""
+    return jnp.einsum("bsd,dv->bsv", h.astype(dtype), lm_head.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
+    """Positions that restart at 0 wherever the segment id changes (each packed document's
+    first token is at position 0)."""
+    b, s = segment_ids.shape
+    index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def default_positions(shape, positions=None, segment_ids=None) -> Int[Array, "batch seq"]:
+    """`positions` if given, else restarting at each segment (`segment_positions`), else 0..seq-1."""
+    if positions is not None:
+        return positions
+    if segment_ids is not None:
+        return segment_positions(segment_ids)
+    b, s = shape
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,

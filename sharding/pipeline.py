@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
 from dsv3_jax.layers.rope import rope_cos_sin
-from dsv3_jax.model import ACT, ModelOutput, Transformer, check_token_ids
+from dsv3_jax.model import ACT, ModelOutput, Transformer, check_token_ids, default_positions
 from sharding.expert_parallel import ExpertParallelDispatcher
 from sharding.mesh import platform as mesh_platform
 from sharding.rules import active_rules, constrain, logical_to_spec, use_rules
@@ -103,11 +103,13 @@ def plan_stages(cfg, stages: int, microbatches: int) -> StagePlan:
 
 def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
                      positions: Int[Array, "batch seq"] | None = None, *, microbatches: int,
-                     mtp: bool = False) -> ModelOutput:
+                     segment_ids: Int[Array, "batch seq"] | None = None, mtp: bool = False,
+                     logits: bool = True) -> ModelOutput:
     """`model.forward` with the MoE layers pipelined over the context mesh's pipeline axis.
 
     Call under `jax.set_mesh(mesh)` (and `jit`). Same outputs as `model.forward`, including the
-    per-layer expert counts, balance terms and dropped rows in layer order.
+    per-layer expert counts, balance terms and dropped rows in layer order; `segment_ids`
+    (packed documents) and `logits=False` (hidden states only, for the chunked loss) as there.
     """
     if pipeline_stages() < 2:
         raise PipelineError("pipeline_forward needs a mesh with pipeline > 1 (jax.set_mesh)")
@@ -117,43 +119,35 @@ def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
     check_token_ids(input_ids, cfg.vocab_size)
     b, s = input_ids.shape
     check_microbatches(b, plan, mesh)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    positions = default_positions((b, s), positions, segment_ids)
     cos, sin = rope_cos_sin(cfg, positions)
     x = constrain(model.embed(input_ids), ACT)
     if model.dense_layers is not None:
-        x, _ = _run_layers(*_split(model.dense_layers), x, cos, sin, model.remat)
+        x, _ = _run_layers(*_split(model.dense_layers), x, cos, sin, model.remat,
+                           segment_ids=segment_ids)
     gd, leaves, treedef = _split(model.moe_layers)
     layouts = [_layer_split_spec(var, mesh) for var in _variables(model.moe_layers)]
     r = plan.moe_before
     aux_before = None
     if r:
-        x, aux_before = _run_layers(gd, [v[:r] for v in leaves], treedef, x, cos, sin, model.remat)
-    x, aux = _pipeline(gd, [v[r:] for v in leaves], layouts, treedef, x, cos, sin, plan,
-                       model.remat)
+        x, aux_before = _run_layers(gd, [v[:r] for v in leaves], treedef, x, cos, sin, model.remat,
+                                    segment_ids=segment_ids)
+    x, aux = _pipeline(gd, [v[r:] for v in leaves], layouts, treedef, x, cos, sin, segment_ids,
+                       plan, model.remat)
     if aux_before is not None:
         aux = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), aux_before, aux)
     hidden = model.norm(x)
-    out = ModelOutput(logits=model.head(hidden), hidden=hidden, mtp_logits=(),
+    out = ModelOutput(logits=model.head(hidden) if logits else None, hidden=hidden, mtp_logits=(),
                       expert_counts=aux["expert_counts"], balance=aux["balance"],
                       dropped=aux["dropped"])
     if mtp and len(model.mtp):
-        out.mtp_logits, out.mtp_expert_counts = _mtp_forward(model, input_ids, hidden, cos, sin)
+        # the shifted embeddings pinned to the batch layout: XLA would otherwise split them
+        # along "embed" like the pipeline-split eh_proj, through a full rematerialisation (jax 0.12)
+        out.mtp_hidden, out.mtp_expert_counts = model.mtp_forward(
+            input_ids, hidden, cos, sin, segment_ids, embed=lambda ids: constrain(model.embed(ids), ACT))
+        if logits:
+            out.mtp_logits = tuple(model.head(h) for h in out.mtp_hidden)
     return out
-
-
-def _mtp_forward(model: Transformer, input_ids, hidden, cos, sin):
-    """`model.mtp_forward` with the shifted embeddings pinned to the batch layout: XLA would
-    otherwise split them along "embed" like the pipeline-split eh_proj, through a full
-    rematerialisation (jax 0.12)."""
-    logits, counts = [], []
-    h = hidden
-    for k, module in enumerate(model.mtp, start=1):
-        emb_next = constrain(model.embed(input_ids[:, k:]), ACT)
-        h, h_normed, aux = module(h[:, :-1], emb_next, cos[:, :-k], sin[:, :-k])
-        logits.append(model.head(h_normed))
-        counts.append(aux["expert_counts"])
-    return tuple(logits), jnp.stack(counts)
 
 
 def check_microbatches(batch: int, plan: StagePlan, mesh) -> None:
@@ -202,13 +196,14 @@ def layer_split_spec(axes, shape, mesh) -> P:
     return P(AXIS, *rest)
 
 
-def _run_layers(graphdef, leaves, treedef, x, cos, sin, remat: bool, dispatcher=None):
+def _run_layers(graphdef, leaves, treedef, x, cos, sin, remat: bool, dispatcher=None,
+                segment_ids=None):
     """Scan the stacked blocks over x; aux stats stacked per layer (like the model's stacks)."""
     def layer(x, layer_leaves):
         block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
         if dispatcher is not None and block.is_moe:
             block.mlp.dispatcher = dispatcher
-        x, aux = block(x, cos, sin)
+        x, aux = block(x, cos, sin, segment_ids)
         return constrain(x, ACT), aux
 
     if remat:
@@ -227,7 +222,8 @@ def _stage_dispatcher(graphdef, leaves, treedef):
                                collective="ragged" if d._ragged() else "dense")
 
 
-def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, remat: bool):
+def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, segment_ids, plan: StagePlan,
+              remat: bool):
     """GPipe over the pipeline axis: [batch, seq, embed] through `plan.stages` stages.
 
     `leaves`: the pipelined layers' state ([stages x layers per stage, ...] each), `layouts`:
@@ -257,7 +253,7 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
     def unmicro(a):
         return a.swapaxes(0, 1).reshape(b, *a.shape[2:])
 
-    def stage_program(leaves, xs, cos, sin):
+    def stage_program(leaves, xs, cos, sin, *seg):
         stage = jax.lax.axis_index(AXIS)
         dispatcher = _stage_dispatcher(graphdef, leaves, treedef)
 
@@ -266,7 +262,8 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
             valid = (i >= 0) & (i < m)
             i = jnp.clip(i, 0, m - 1)
             h = jnp.where(stage == 0, xs[i].astype(carry.dtype), carry)
-            y, aux = _run_layers(graphdef, leaves, treedef, h, cos[i], sin[i], remat, dispatcher)
+            y, aux = _run_layers(graphdef, leaves, treedef, h, cos[i], sin[i], remat, dispatcher,
+                                 segment_ids=seg[0][i] if seg else None)
             aux = {"expert_counts": jnp.where(valid, aux["expert_counts"], 0),
                    "balance": jnp.where(valid, aux["balance"], 0.0),
                    "dropped": jnp.where(valid, aux["dropped"], 0)}
@@ -293,9 +290,11 @@ def _pipeline(graphdef, leaves, layouts, treedef, x, cos, sin, plan: StagePlan, 
     # cotangents of the stage-replicated inputs (xs, cos, sin) are summed over the stages and
     # those of the replicated output divided by them (jax's convention, which keeps psum exact).
     leaves = [jax.lax.with_sharding_constraint(v, spec) for v, spec in zip(leaves, layouts)]
-    fn = jax.shard_map(stage_program, in_specs=([P(AXIS)] * len(leaves), P(), P(), P()),
+    seg = () if segment_ids is None else (micro(segment_ids),)
+    fn = jax.shard_map(stage_program,
+                       in_specs=([P(AXIS)] * len(leaves), P(), P(), P(), *[P()] * len(seg)),
                        out_specs=(P(None, None, AXIS) if scatter else P(), specs_aux),
                        axis_names={AXIS}, check_vma=False)
     with use_rules(rules):
-        ys, aux = fn(leaves, micro(x).astype(cross), micro(cos), micro(sin))
+        ys, aux = fn(leaves, micro(x).astype(cross), micro(cos), micro(sin), *seg)
     return constrain(unmicro(ys.reshape(m, mb, *ys.shape[-2:])).astype(x.dtype), ACT), aux

@@ -23,7 +23,8 @@ def _np_ce(logits, targets):
 def test_loss_parts_and_mtp_alignment():
     model = init_model(CFG, seed=0)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 17)), jnp.int32)
-    total, (parts, out) = nnx.jit(lambda m, b: lm_loss(m, b, mtp_lambda=0.3, balance_alpha=0.01))(model, batch)
+    total, (parts, _) = nnx.jit(lambda m, b: lm_loss(m, b, mtp_lambda=0.3, balance_alpha=0.01))(model, batch)
+    out = nnx.jit(lambda m, x: m.forward(x, mtp=True))(model, batch[:, :-1])  # the logits
     tgt = np.asarray(batch[:, 1:])
     assert abs(float(parts["ce"]) - _np_ce(out.logits, tgt)) < 1e-5
     # MTP depth 1 at position i predicts token i + 2 = targets[:, 1:]

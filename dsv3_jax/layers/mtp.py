@@ -32,9 +32,15 @@ class MTP(nnx.Module):
         self.shared_head_norm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"],
-                 cos, sin) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], dict]:
-        """Returns (block output for the next depth, normed state for the head, block aux)."""
-        h, aux = self.block(self.combine(h_prev, emb_next), cos, sin)
+                 cos, sin, segment_ids: Int[Array, "batch seq"] | None = None
+                 ) -> tuple[Float[Array, "batch seq embed"], Float[Array, "batch seq embed"], dict]:
+        """Returns (block output for the next depth, normed state for the head, block aux).
+
+        `segment_ids`: those of `h_prev`'s positions (packed documents): the block attends
+        within a document. A state whose next token lies in another document mixes the two;
+        only positions at most k before a document's end are such, and the loss masks their
+        predictions (dsv3_jax/train/losses.py), so no kept prediction reads one."""
+        h, aux = self.block(self.combine(h_prev, emb_next), cos, sin, segment_ids)
         return h, self.shared_head_norm(h), aux
 
     def combine(self, h_prev: Float[Array, "batch seq embed"], emb_next: Float[Array, "batch seq embed"]

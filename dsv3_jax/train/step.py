@@ -10,6 +10,11 @@ size (tested).
 Under a mesh with a pipeline axis > 1 the forward pass is `sharding.pipeline.pipeline_forward`
 (GPipe over the MoE layers, each batch cut into `microbatches`); the loss, gradients and counts
 are the same function of the batch.
+
+Packed documents (`segment_ids`, [accumulate, micro_batch, seq + 1], dsv3_jax/packing.py):
+each micro-batch's loss is normalised by the kept predictions of the whole step (the weight
+sums of all micro-batches, `losses.weight_sums`), so accumulation still equals one big batch
+when micro-batches keep different numbers of tokens.
 """
 
 from __future__ import annotations
@@ -23,39 +28,51 @@ from jaxtyping import Array, Int
 
 from dsv3_jax.model import Transformer
 from dsv3_jax.train.balance import load_imbalance, update_routing_bias
-from dsv3_jax.train.losses import lm_loss, loss_from_output
+from dsv3_jax.train.losses import lm_loss, weight_sums
 from sharding.pipeline import pipeline_forward, pipeline_stages
 
 
 def train_step(model: Transformer, optimizer: nnx.Optimizer,
-               batches: Int[Array, "accumulate micro seq_plus_1"], *, mtp_lambda: float = 0.3,
-               balance_alpha: float = 1e-4, bias_gamma: float = 0.001,
+               batches: Int[Array, "accumulate micro seq_plus_1"],
+               segment_ids: Int[Array, "accumulate micro seq_plus_1"] | None = None, *,
+               mtp_lambda: float = 0.3, balance_alpha: float = 1e-4, bias_gamma: float = 0.001,
                microbatches: int | None = None) -> dict:
     """Update `model` and `optimizer` in place; returns the step's metrics (fp32 scalars/arrays).
 
+    `segment_ids`: packed documents of each row (0 = padding; dsv3_jax/train/losses.py).
     `microbatches`: pipeline micro-batches per micro-batch of `batches` (None: one per pipeline
     stage); used only under a mesh whose pipeline axis is > 1."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = functools.partial(_pipelined_loss, microbatches=microbatches or pipeline_stages()) \
-        if pipeline_stages() > 1 else lm_loss
+    forward = None
+    if pipeline_stages() > 1:
+        forward = functools.partial(pipeline_forward, microbatches=microbatches or pipeline_stages())
+    k = batches.shape[0]
+    depths = len(model.mtp) if mtp_lambda > 0 else 0
+    denominators = None
+    if segment_ids is not None and k > 1:  # the step's kept predictions, over all micro-batches
+        rows = segment_ids.reshape(-1, segment_ids.shape[-1])
+        denominators = weight_sums(rows, None, rows.shape, depths) / k
 
-    def loss_fn(p, batch):
+    def loss_fn(p, batch, seg):
         m = nnx.merge(graphdef, p, rest, copy=True)
-        total, (parts, out) = loss(m, batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha)
+        fwd = None if forward is None else functools.partial(forward, m)
+        total, (parts, out) = lm_loss(m, batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha,
+                                      segment_ids=seg, denominators=denominators, forward=fwd)
         return total, (parts, out.expert_counts, out.mtp_expert_counts)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    k = batches.shape[0]
     if k == 1:
-        (_, (parts, counts, mtp_counts)), grads = grad_fn(params, batches[0])
+        seg = None if segment_ids is None else segment_ids[0]
+        (_, (parts, counts, mtp_counts)), grads = grad_fn(params, batches[0], seg)
     else:
-        def micro(total, batch):
-            (_, aux), g = grad_fn(params, batch)
+        def micro(total, xs):
+            (_, aux), g = grad_fn(params, *xs)
             return jax.tree.map(jnp.add, total, (g, aux)), None
 
-        shapes = jax.eval_shape(grad_fn, params, batches[0])
+        seg0 = None if segment_ids is None else segment_ids[0]
+        shapes = jax.eval_shape(grad_fn, params, batches[0], seg0)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
-        (grads, (parts, counts, mtp_counts)), _ = jax.lax.scan(micro, zeros, batches)
+        (grads, (parts, counts, mtp_counts)), _ = jax.lax.scan(micro, zeros, (batches, segment_ids))
         grads = jax.tree.map(lambda g: g / k, grads)
         parts = jax.tree.map(lambda v: v / k, parts)
     optimizer.update(model, grads)
@@ -64,12 +81,3 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
                              for g in jax.tree.leaves(grads)))
     return dict(parts, grad_norm=grad_norm, imbalance=load_imbalance(counts))
 
-
-def _pipelined_loss(model: Transformer, batch: Int[Array, "batch seq_plus_1"], *, microbatches: int,
-                    mtp_lambda: float, balance_alpha: float):
-    """`lm_loss` with the forward pass pipelined over the mesh's pipeline axis."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = pipeline_forward(model, inputs, microbatches=microbatches,
-                           mtp=mtp_lambda > 0 and len(model.mtp) > 0)
-    total, parts = loss_from_output(out, targets, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha)
-    return total, (parts, out)
