@@ -5,7 +5,9 @@ line, in its "text" field). `corpus_files(None)` is the embedded default corpus,
 interpreter's own standard library sources, so `python train.py` needs no download. A byte-level
 BPE is trained on the corpus with the `tokenizers` library and cached, the corpus is encoded
 once into a flat token array (cached as `.npy` next to the tokenizer), and `TokenBatcher` cuts
-that array into seeded, resumable [batch, seq_len + 1] windows for next-token training.
+that array into seeded, resumable [batch, seq_len + 1] windows for next-token training (the
+DeepSeek-V3 recipe: windows cross document boundaries). `dsv3_jax.packing.DocumentPacker`
+instead packs whole documents into rows with segment ids (`train.py --pack-documents`).
 
 Caches are keyed on the corpus file list and sizes (not contents: an edit that keeps a file's
 size reuses a stale cache; delete the cache dir to refresh). Writes are atomic, so processes
@@ -304,6 +306,9 @@ class TokenBatcher:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from `state()` of a batcher over the same tokens, batch size and seq_len."""
+        if state.get("packed"):
+            raise DataError("the checkpoint's run packed documents (dsv3_jax/packing.py); resume "
+                            "it with --pack-documents")
         missing = {"seed", "epoch", "position"} - set(state)
         if missing:
             raise DataError(f"data state {state} lacks {sorted(missing)}")

@@ -2,8 +2,11 @@
 
 `train(RunConfig(...))` is everything `python train.py` does. Each step: the LM loss (next-token
 CE + MTP + sequence balance), an optax AdamW update of the Params, then the auxiliary-loss-free
-routing-bias update from the step's global expert counts. Checkpoints (orbax) hold the model,
-the optimizer, the data position and the step, so `resume=True` continues exactly.
+routing-bias update from the step's global expert counts. The data are contiguous corpus windows
+(`TokenBatcher`, DeepSeek-V3's pretraining) or, with `pack_documents`, rows of whole documents
+with segment ids (`DocumentPacker`: no attention or loss across documents). Checkpoints (orbax)
+hold the model, the optimizer, the data position and the step, so `resume=True` continues
+exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dsv3_jax import data
 from dsv3_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_model
+from dsv3_jax.packing import DocumentPacker
 from dsv3_jax.weights import load_hf
 from dsv3_jax.train.flops import flops_per_token, mfu
 from dsv3_jax.train.optimizer import make_optimizer
@@ -66,6 +70,7 @@ class RunConfig:
     remat: bool = False
     capacity_factor: float = 0.0       # expert-parallel dispatch capacity per expert (0: dropless)
     moments_dtype: str = "fp32"        # AdamW first moment: fp32 or bf16 (second moment stays fp32)
+    pack_documents: bool = False       # rows of whole documents with segment ids (dsv3_jax/packing.py)
 
 
 class TrainingError(RuntimeError):
@@ -170,8 +175,9 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     files = data.corpus_files(run.corpus)
     tokenizer = data.load_or_train_tokenizer(files, cfg.vocab_size, tokenizer_path=run.tokenizer)
     tokens = data.encode_corpus(files, tokenizer, eos_id=data.EOS_ID)
-    batcher = data.TokenBatcher(tokens, run.batch_size, run.seq_len, seed=run.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count())
+    kind = DocumentPacker if run.pack_documents else data.TokenBatcher
+    batcher = kind(tokens, run.batch_size, run.seq_len, seed=run.seed,
+                   process_index=jax.process_index(), process_count=jax.process_count())
     model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh,
                        capacity_factor=run.capacity_factor or None)
     if run.init_from_hf:
@@ -224,17 +230,22 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         "(dsv3_jax/train/flops.py); MFU is reported where the device's peak is known")
     if plan is not None:
         log(plan.describe())
+    packing = (f" packed as documents ({batcher.padding_fraction():.1%} padding)"
+               if run.pack_documents else "")
     log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
         f"{run.batch_size} x {run.seq_len} tokens"
         f"{f' in {run.accumulate} micro-batches' if run.accumulate > 1 else ''}, precision "
-        f"{run.precision}, {len(tokens):,} corpus tokens, out {out}"
+        f"{run.precision}, {len(tokens):,} corpus tokens"
+        f"{packing}, out {out}"
         f"{f', process {jax.process_index()} of {jax.process_count()}' if jax.process_count() > 1 else ''}")
     try:
         with (open(metrics_path, "a") if primary else contextlib.nullcontext()) as mfile, \
                 (jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
             t_last = time.perf_counter()
             for step in range(start, run.steps):
-                parts = jax.device_get(step_fn(model, optimizer, to_global(batcher.next())))
+                rows = batcher.next()
+                rows = tuple(map(to_global, rows)) if run.pack_documents else (to_global(rows),)
+                parts = jax.device_get(step_fn(model, optimizer, *rows))
                 loss = float(parts["loss"])
                 if not math.isfinite(loss):
                     raise TrainingError(f"loss is {loss} at step {step + 1}; stopping (the last "
