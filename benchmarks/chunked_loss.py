@@ -12,13 +12,17 @@ unchunked formula: [tokens, vocab] fp32 logits and their gradient), "chunked" th
 vocabulary chunk of dsv3_jax/train/losses.py (`vocab_chunk`, LOGITS_CHUNK_BYTES per chunk). Nothing runs
 and nothing is allocated: `jax.jit(...).lower(...).compile().memory_analysis()` on XLA:CPU
 gives the temporaries (the arguments, 3.7 GB of fp32 lm_head among them, are the same for
-both). Prints a table and appends a dated section to BENCHMARKS.md (--no-append to skip).
+both). A second table times the same function (jitted, run on the CPU, median of --repeats)
+at a size the CPU runs in seconds (--time-shape tokens,embed,vocab), whole vs chunked in 8
+chunks: the chunked backward pass recomputes the logits (4 head matmuls instead of 3). Prints
+the tables and appends a dated section to BENCHMARKS.md (--no-append to skip).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -57,11 +61,29 @@ def temp_bytes(heads, rows, seq, embed, vocab, chunk) -> tuple[int, float]:
     return compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - t0
 
 
+def run_seconds(tokens, embed, vocab, chunk, repeats) -> float:
+    """Median wall time of one loss + gradients call (main head, fp32 parameters, bf16 compute)."""
+    rng = jax.random.split(jax.random.key(0), 3)
+    args = ([jax.random.normal(rng[0], (1, tokens, embed), jnp.bfloat16)], jnp.ones((embed,)),
+            0.02 * jax.random.normal(rng[1], (embed, vocab)),
+            jax.random.randint(rng[2], (1, tokens), 0, vocab))
+    f = jax.jit(loss_fn(1, chunk))
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--embed", type=int, default=7168)
     p.add_argument("--vocab", type=int, default=129280)
     p.add_argument("--tokens", default="4096,16384", help="sequence lengths (one row each)")
+    p.add_argument("--time-shape", default="1024,512,32768", help="tokens,embed,vocab of the timing")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
     rows = []
@@ -79,13 +101,21 @@ def main(argv=None) -> int:
                "chunks x vocab entries", "chunked: temp GB", "less", "compile s (whole / chunked)"]
     out = table(headers, rows)
     print(out)
+    tokens, embed, vocab = map(int, args.time_shape.split(","))
+    whole = run_seconds(tokens, embed, vocab, vocab, args.repeats)
+    part = run_seconds(tokens, embed, vocab, -(-vocab // 8), args.repeats)
+    timing = table(["tokens", "embed", "vocab", "whole s", "chunked (8 chunks) s", "chunked / whole"],
+                   [[tokens, embed, vocab, f"{whole:.3f}", f"{part:.3f}", f"{part / whole:.2f}"]])
+    print(timing)
     if not args.no_append:
         body = (f"Loss head (final norm, {args.embed} x {args.vocab:,} vocabulary projection in bf16 "
                 "with fp32 accumulation, fp32 log-softmax CE) and its gradients w.r.t. hidden, "
                 "norm gain and lm_head, compiled by XLA:CPU (memory_analysis, nothing allocated); "
                 f"one row per device. Chunk budget LOGITS_CHUNK_BYTES = {LOGITS_CHUNK_BYTES / 2**20:.0f} "
                 "MiB of fp32 logits per chunk (dsv3_jax/train/losses.py). Temporaries exclude "
-                "the arguments (fp32 lm_head) and the outputs (its fp32 gradient).\n\n" + out)
+                "the arguments (fp32 lm_head) and the outputs (its fp32 gradient).\n\n" + out +
+                "\n\nRun time of loss + gradients on this CPU (median of "
+                f"{args.repeats}; the chunked backward recomputes the logits):\n\n" + timing)
         append_section("Chunked cross entropy: compiled temporary memory of the loss head", body)
     return 0
 
