@@ -64,6 +64,10 @@ def test_bf16_operands_track_fp32():
     out = attention(*ops16, scale=0.3, block_q=16, block_k=16)
     assert out.dtype == jnp.bfloat16
     assert _rel(out, dense_attention(*ops32, scale=0.3)) < 2e-2
+    # the backward's dots too (XLA:CPU runs some bf16 x bf16 -> f32 orders only from fp32)
+    got = _grads(lambda *a, **k: attention(*a, block_q=16, block_k=16, **k), ops16)
+    for g, w in zip(got, _grads(dense_attention, ops32)):
+        assert g.dtype == jnp.bfloat16 and _rel(g, w) < 3e-2, _rel(g, w)
 
 
 def test_key_blocks_past_the_visible_range_are_never_read():

@@ -236,10 +236,18 @@ def _blocks_visible(i, bq: int, bk: int, nk: int, q_offset, kv_len):
     return jnp.clip(jnp.minimum(causal, filled), 0, nk)
 
 
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with fp32 accumulation. XLA:CPU lacks bf16 x bf16 -> f32 dots for some of these
+    operand orders; there the operands go up to fp32 first, which changes nothing (a product of
+    two bf16 numbers is exact in fp32)."""
+    if _platform() == "cpu" and jnp.bfloat16 in (a.dtype, b.dtype):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def _scores(qn, qp, kn, kp, scale):
-    f32 = jnp.float32
-    return (jnp.einsum("bqhd,bkhd->bhqk", qn, kn, preferred_element_type=f32)
-            + jnp.einsum("bqhr,bkr->bhqk", qp, kp, preferred_element_type=f32)) * scale
+    return (_dot("bqhd,bkhd->bhqk", qn, kn)
+            + _dot("bqhr,bkr->bhqk", qp, kp)) * scale
 
 
 def _slice(x, start, size):
@@ -271,8 +279,7 @@ def _flash_fwd(scale, bq, bk, qn, qp, kn, kp, v, q_offset, kv_len, q_seg, k_seg)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), _slice(v, k0, bk),
-                            preferred_element_type=f32)
+            pv = _dot("bhqk,bkhd->bhqd", p.astype(v.dtype), _slice(v, k0, bk))
             return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
         init = (jnp.full((b, h, bq), _M0, f32), jnp.zeros((b, h, bq), f32),
@@ -314,13 +321,13 @@ def _flash_bwd(scale, bq, bk, res, dout):
             mask = _mask(qi, k0 + jnp.arange(bk), q_offset, kv_len, qs_i, _slice(k_seg, k0, bk), b)
             p = jnp.where(mask[:, None], jnp.exp(s - lse_i[..., None]), 0.0)  # [b, h, bq, bk]
             pc = p.astype(v.dtype)
-            dv_j = jnp.einsum("bhqk,bqhd->bkhd", pc, do_i, preferred_element_type=f32)
-            dp = jnp.einsum("bqhd,bkhd->bhqk", do_i, v_j, preferred_element_type=f32)
+            dv_j = _dot("bhqk,bqhd->bkhd", pc, do_i)
+            dp = _dot("bqhd,bkhd->bhqk", do_i, v_j)
             ds = (p * (dp - delta_i[..., None]) * scale).astype(qn.dtype)
-            dqn = dqn + jnp.einsum("bhqk,bkhd->bqhd", ds, kn_j, preferred_element_type=f32)
-            dqp = dqp + jnp.einsum("bhqk,bkr->bqhr", ds, kp_j, preferred_element_type=f32)
-            dkn_j = jnp.einsum("bhqk,bqhd->bkhd", ds, qn_i, preferred_element_type=f32)
-            dkp_j = jnp.einsum("bhqk,bqhr->bkr", ds, qp_i, preferred_element_type=f32)
+            dqn = dqn + _dot("bhqk,bkhd->bqhd", ds, kn_j)
+            dqp = dqp + _dot("bhqk,bkr->bqhr", ds, kp_j)
+            dkn_j = _dot("bhqk,bqhd->bkhd", ds, qn_i)
+            dkp_j = _dot("bhqk,bqhr->bkr", ds, qp_i)
             add = lambda acc, d: jax.lax.dynamic_update_slice_in_dim(
                 acc, _slice(acc, k0, bk) + d, k0, axis=1)
             return dqn, dqp, add(dkn, dkn_j), add(dkp, dkp_j), add(dv, dv_j)
