@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from _common import append_section, table  # noqa: E402
-from dsv3_jax.train.losses import LOGITS_CHUNK_BYTES, heads_nll, vocab_chunk  # noqa: E402
+from dsv3_jax.train.losses import LOGITS_CHUNK_BYTES, heads_nll, loss_peak_bytes, vocab_chunk  # noqa: E402
 
 GB = 1e9
 
@@ -95,10 +95,13 @@ def main(argv=None) -> int:
             logits = seq * args.vocab * 4
             rows.append([seq, "main + MTP" if heads == 2 else "main", f"{logits / GB:.2f}",
                          f"{whole / GB:.2f}", f"{-(-args.vocab // chunk)} x {chunk}", f"{part / GB:.3f}",
-                         f"{whole / part:.1f}x", f"{t_whole:.1f} / {t_part:.1f}"])
+                         f"{whole / part:.1f}x",
+                         f"{loss_peak_bytes(seq, args.embed, args.vocab, heads) / GB:.3f}",
+                         f"{t_whole:.1f} / {t_part:.1f}"])
             print(rows[-1], flush=True)
     headers = ["tokens", "heads", "fp32 logits GB (one head)", "whole: temp GB",
-               "chunks x vocab entries", "chunked: temp GB", "less", "compile s (whole / chunked)"]
+               "chunks x vocab entries", "chunked: temp GB", "less", "planner GB (plan.py)",
+               "compile s (whole / chunked)"]
     out = table(headers, rows)
     print(out)
     tokens, embed, vocab = map(int, args.time_shape.split(","))

@@ -37,12 +37,13 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
   lm_head); the head's and the embedding's full gradients are not live there (buffer live
   ranges of the V2-Lite and 671B steps at their peaks, `python -m dsv3_jax.aot --dump`);
 - logits: the chunked loss (dsv3_jax/train/losses.py) holds one vocabulary chunk at a time, of
-  C = vocab_chunk(tok, V / T) entries (LOGITS_CHUNK_BYTES of fp32 logits per device): per head
-  (main + MTP, which share the chunk loop) LOSS_CHUNK_BUFFERS * tok * C * 4 (logits,
-  probabilities, their gradient and its compute-dtype copy), the hidden states' fp32 gradient
-  tok * D * 4 and the chunk's lm_head slice D * C * 4 (XLA:CPU within ~15% of this,
-  benchmarks/chunked_loss.py). Whole logits would be tok * V / T * 4 * 2 per head: 4.2 GB per
-  4K-token V3 row;
+  C = vocab_chunk(tok, V / T) entries (LOGITS_CHUNK_BYTES of fp32 logits per device):
+  (LOSS_CHUNK_BUFFERS + heads - 1) * tok * C * 4 (logits and their gradient; heads = main +
+  MTP, which share the chunk loop), the chunk's lm_head slice D * C * 6 (fp32 and compute
+  dtype) and heads * 3 * tok * D * 4 (the hidden states' fp32 gradient, the final norm's):
+  `losses.loss_peak_bytes`, within ~20% of XLA:CPU (tests/test_chunked_loss.py,
+  benchmarks/chunked_loss.py). Whole logits would be tok * V / T * 4 * 2 per head: 4.2 GB
+  per 4K-token V3 row;
 - gathered: the largest layer's weights as its matmuls use them, i.e. with their FSDP dims
   ("embed", and "q_lora" / "kv_lora" of q_b_proj / kv_b_proj) gathered over the FSDP axes,
   less the stored shard, twice (the weights and their full gradient before its
@@ -105,7 +106,7 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.plan_state import (FSDP_AXES, fp8_layouts, fp8_value_bytes,  # noqa: F401
                                  gathered_layer_bytes, shard_elements, stage_layer_bytes, state_bytes, stored_fp8)
-from dsv3_jax.train.losses import LOSS_CHUNK_BUFFERS, vocab_chunk
+from dsv3_jax.train.losses import loss_peak_bytes
 from sharding.mesh import AXES, MeshError, parse_mesh_spec
 
 GiB = 2**30
@@ -301,8 +302,7 @@ def _train(setup: Setup) -> Estimate:
         parts["stage_copies"] = (2 if uneven else 1) * stage_layer_bytes(setup, setup.param_jnp)
     heads = 1 + (cfg.num_nextn_predict_layers if setup.mtp else 0)
     local_vocab = V / T if V % T == 0 else V  # a vocabulary the tensor axis does not divide: whole
-    chunk = vocab_chunk(tok, local_vocab)
-    parts["logits"] = int(heads * (LOSS_CHUNK_BUFFERS * tok * chunk + tok * D + D * chunk) * 4)
+    parts["logits"] = loss_peak_bytes(tok, D, local_vocab, heads)
     notes = [f"dispatch: R = {R:,} rows per device per MoE layer "
              f"({'dropless' if setup.capacity_factor is None else f'capacity factor {setup.capacity_factor}'})"]
     if setup.capacity_factor is None and setup.sizes["expert"] > 1:

@@ -9,7 +9,7 @@ from flax import nnx
 from dsv3_jax import ModelConfig, init_model
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.model import head_logits
-from dsv3_jax.train.losses import head_nll, lm_loss, vocab_chunk
+from dsv3_jax.train.losses import head_nll, heads_nll, lm_loss, loss_peak_bytes, vocab_chunk
 from tests.conftest import FIXTURES
 
 B, S, D, V = 2, 23, 16, 300
@@ -169,3 +169,18 @@ def test_vocabulary_split_over_tensor_equals_one_device(inputs, spec):
             assert abs(float(val) - float(ref_v)) <= 1e-6 * abs(float(ref_v))
             for name, a, b in zip(("hidden", "norm gain", "lm_head"), g, ref_g):
                 assert _rel(a, b) <= 1e-6, (spec, chunk, name, _rel(a, b))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_planner_count_of_the_loss_matches_the_compiler(heads):
+    """plan.py's logits part (`loss_peak_bytes`) against XLA:CPU's temporaries of the loss head
+    as lm_loss runs it (bf16 compute, fp32 lm_head, main + MTP in one pass) at 8K tokens x 64K
+    vocabulary, default chunks: within 25%."""
+    s, d, v = 8192, 512, 65536
+    args = ([jax.ShapeDtypeStruct((1, s, d), jnp.bfloat16)] * heads,
+            jax.ShapeDtypeStruct((d, v), jnp.float32), jax.ShapeDtypeStruct((1, s), jnp.int32))
+    f = jax.grad(lambda hs, w, t: sum(heads_nll(hs, w, [t] * heads, [None] * heads,
+                                                dtype=jnp.bfloat16)), argnums=(0, 1))
+    temp = jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert vocab_chunk(s, v) < v  # chunked
+    assert abs(loss_peak_bytes(s, d, v, heads) / temp - 1) < 0.25, (loss_peak_bytes(s, d, v, heads), temp)

@@ -41,10 +41,10 @@ from sharding.rules import logical_to_spec
 
 # fp32 logits of one chunk on one device. V3 (129,280 entries, one 4K row per device): 16 chunks
 # of 8,080 entries; each a [tokens, embed] x [embed, chunk] matmul large enough to run at full
-# speed on any accelerator. The loss's peak holds about LOSS_CHUNK_BUFFERS such blocks (logits,
-# probabilities, their gradient and its compute-dtype copy; XLA:CPU, benchmarks/chunked_loss.py).
+# speed on any accelerator. The loss's peak holds about LOSS_CHUNK_BUFFERS such fp32 blocks
+# (XLA:CPU fuses the softmax and its gradient into the matmuls' operands; `loss_peak_bytes`).
 LOGITS_CHUNK_BYTES = 128 * 2**20
-LOSS_CHUNK_BUFFERS = 4
+LOSS_CHUNK_BUFFERS = 2
 
 
 def vocab_chunk(tokens: float, vocab: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
@@ -53,6 +53,18 @@ def vocab_chunk(tokens: float, vocab: int, budget: int = LOGITS_CHUNK_BYTES) -> 
     most = max(1, int(budget // (4 * tokens)))
     chunks = -(-vocab // most)
     return -(-vocab // chunks)
+
+
+def loss_peak_bytes(tokens: float, embed: int, vocab: float, heads: int = 1) -> int:
+    """The chunked loss's working set per device, the planner's count (dsv3_jax/plan.py): fp32
+    [tokens, chunk] blocks (LOSS_CHUNK_BUFFERS for the first head, one more per other head),
+    the chunk's lm_head slice [embed, chunk] in fp32 and the compute dtype, and three fp32
+    [tokens, embed] per head (the hidden states' gradient, the final norm's intermediates).
+    Within ~20% of XLA:CPU's temporaries from 4K to 16K tokens, 1 or 2 heads
+    (benchmarks/chunked_loss.py, tests/test_chunked_loss.py)."""
+    chunk = vocab_chunk(tokens, vocab)
+    blocks = LOSS_CHUNK_BUFFERS + heads - 1
+    return int(blocks * tokens * chunk * 4 + embed * chunk * 6 + heads * 3 * tokens * embed * 4)
 
 
 def _shards(logical: str, size: int) -> int:
