@@ -26,7 +26,8 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
   stage + 1) * tok_mb), i.e. every layer input of every tick the GPipe scan keeps for its
   backward pass, and the tick loop's stacked outputs (one [tok_mb, D] per tick);
 - one layer's working set at its backward (the largest of the forward it recomputes):
-  attention scores and probabilities 3 * (tok_mb / S) * (H / T) * S^2 * 4 bytes, and the
+  blockwise attention's `attention.working_set_bytes` (q, k, v, output and their gradients,
+  512 x 512 fp32 score tiles; linear in S), and the
   expert-parallel dispatch: R = X * cap rows per device, cap = tok_mb * min(k, E / X)
   (dropless) or ceil(cf * tok_mb * k / X) (capacity factor cf); DISPATCH_BUFFERS row buffers
   of D values (send, receive, grouped, returned, and their gradients) and FFN_BUFFERS of
@@ -104,6 +105,7 @@ import sys
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.attention import working_set_bytes as attention_working_set
 from dsv3_jax.plan_state import (FSDP_AXES, fp8_layouts, fp8_value_bytes,  # noqa: F401
                                  gathered_layer_bytes, shard_elements, stage_layer_bytes, state_bytes, stored_fp8)
 from dsv3_jax.train.losses import loss_peak_bytes
@@ -288,7 +290,7 @@ def _train(setup: Setup) -> Estimate:
         held = cfg.num_hidden_layers * tok
     R = _dispatch_rows(setup, tok_mb)
     F = cfg.moe_intermediate_size / T
-    attention = 3 * (tok_mb / S) * (H / T) * S * S * 4
+    attention = attention_working_set(tok_mb, S, H / T, cfg.qk_head_dim, cfg.v_head_dim, c)
     dispatch = R * (DISPATCH_BUFFERS * D + FFN_BUFFERS * F) * c
     if setup.remat:
         parts["activations"] = int(held * D * c + attention + dispatch)

@@ -71,6 +71,19 @@ def block_sizes(seq_q: int, seq_k: int, platform: str | None = None) -> tuple[in
     return fit(seq_q, bq), fit(seq_k, bk)
 
 
+def working_set_bytes(tokens: float, seq: int, heads: float, qk_dim: int, v_dim: int,
+                      itemsize: int) -> float:
+    """Bytes one layer's attention holds at its backward pass on one device (the planner's
+    count): q, k, v and the output and its gradient in the compute dtype, the fp32 gradient
+    accumulators of q, k, v, and four fp32 [rows, heads, block, block] tiles (scores,
+    probabilities, their gradients) per block step; linear in the sequence, never S^2."""
+    bq, bk = block_sizes(seq, seq, platform="tpu")
+    rows = tokens / seq
+    operands = tokens * heads * ((2 * qk_dim + v_dim) + 2 * v_dim) * itemsize
+    grads = tokens * heads * (2 * qk_dim + v_dim) * 4
+    return operands + grads + rows * heads * bq * bk * 4 * 4
+
+
 def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "batch sq heads rope"],
               k_nope: Float[Array, "batch sk heads nope"], k_pe: Float[Array, "batch sk rope"],
               v: Float[Array, "batch sk heads dv"], *, scale: float,
