@@ -5,7 +5,7 @@
 
 Candidates for the FP8 product (same numerics, SPEC section 7):
   scan     dsv3_jax.fp8.fp8_matmul: one float8 dot per 128-wide K block, scaled, fp32 accumulate
-  batched  all K blocks as one batched float8 dot [kb, M, 128] x [kb, 128, N], then scale + sum
+  batched  all K blocks as one batched float8 dot [kb, M, 128] x [N, kb, 128], then scale + sum
            (more memory: kb x M x N fp32)
   scaled   jax.lax.scaled_dot with the tile / per-column block scales (no VJP in JAX yet, so a
            winner here needs the scan or batched form for the backward)
@@ -40,23 +40,24 @@ SHAPES = [("expert gate/up 7168x2048", 7168, 2048), ("expert down 2048x7168", 20
 def batched_fp8(x, w):
     """All K blocks in one batched float8 dot, then per-block scales and the sum."""
     qx, sx = quantize_tiles(x)
-    qw = quantize_weight(w)
+    qw = quantize_weight(w)  # values [N, K], scales [N / 128, K / 128]
     m, k = qx.shape
     n = w.shape[1]
     kb = k // BLOCK
-    p = jnp.einsum("bmk,bkn->bmn", qx.reshape(m, kb, BLOCK).transpose(1, 0, 2),
-                   qw.q.reshape(kb, BLOCK, n), preferred_element_type=jnp.float32)
-    sw = jnp.repeat(qw.scale, BLOCK, axis=1)[:, :n]
-    return jnp.einsum("bmn,mb,bn->mn", p, sx, sw).astype(x.dtype)
+    p = jnp.einsum("bmk,nbk->bmn", qx.reshape(m, kb, BLOCK).transpose(1, 0, 2),
+                   qw.q.reshape(n, kb, BLOCK), preferred_element_type=jnp.float32)
+    sw = jnp.repeat(qw.scale, BLOCK, axis=0)[:n]
+    return jnp.einsum("bmn,mb,nb->mn", p, sx, sw).astype(x.dtype)
 
 
 def scaled_dot_fp8(x, w):
-    """XLA's scaled dot on the same e4m3 operands and scales."""
+    """XLA's scaled dot on the same e4m3 operands and scales (both K-major: contraction minor)."""
     qx, sx = quantize_tiles(x)
-    qw = quantize_weight(w)
-    sw = jnp.repeat(qw.scale, BLOCK, axis=1)[:, :w.shape[1]]
-    qwp = jnp.pad(qw.q, ((0, qx.shape[1] - w.shape[0]), (0, 0)))
+    qw = quantize_weight(w)  # values [N, K], scales [N / 128, K / 128]
+    sw = jnp.repeat(qw.scale, BLOCK, axis=0)[:w.shape[1]]
+    qwp = jnp.pad(qw.q, ((0, 0), (0, qx.shape[1] - w.shape[0])))
     return jax.lax.scaled_dot(qx, qwp, lhs_scale=sx, rhs_scale=sw,
+                              dimension_numbers=(((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32).astype(x.dtype)
 
 

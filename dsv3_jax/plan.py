@@ -73,18 +73,19 @@ Serving the official FP8 checkpoint as stored (`--serve --precision fp8`, a conf
   placed by `sharding.rules.quantized_specs` (the table, restricted to splits at block
   boundaries; a dim whose split would cut 128-blocks drops that mesh axis, e.g. q_b_proj's
   1536 and kv_b_proj's 512 latent dims on expert=8 are held whole):
-    values  prod(shard of [lead..., in..., out...]) * 1 byte (e4m3),
-    scales  prod(shard of [lead..., ceil(K / b0), ceil(N / b1)]) * 4 bytes (fp32),
-  with K, N the products of the input and output dims, b = 128 x 128, the scales split over
-  the same mesh axes as the values' leading, first input and first output dims;
+    values  prod(shard of [lead..., out..., in...]) * 1 byte (e4m3),
+    scales  prod(shard of [lead..., ceil(N / b0), ceil(K / b1)]) * 4 bytes (fp32),
+  with K, N the products of the input and output dims, b = 128 x 128, the values in the
+  checkpoint's [out, in] orientation, split over the mesh axes the table gives the parameter's
+  logical dims, the scales over those of the leading, first output and first input dims;
 - the rest (embedding, lm_head, MoE gate, norms) as above in bf16, the routing bias in fp32;
 - gathered: the largest layer's FSDP-split values and scales (1 and 4 bytes) less the shard;
-- cache, logits and dispatch buffers as in bf16 serving (bf16 activations and latent cache);
-- fp8_relayout: the e4m3 values once more (less the MTP layer's, which decode does not read).
-  XLA:GPU's FP8 GEMMs need both operands K-major (contraction dim minor); our values are
-  [in, out] (out minor), so the compiled step holds a transposed copy of every FP8 weight,
-  made once per step outside the layer loop (671B on expert=8: 85 GB of `transpose`
-  fusions, SCALE.md). Keeping the checkpoint's [out, in] layout would remove it.
+- cache, logits and dispatch buffers as in bf16 serving (bf16 activations and latent cache).
+  No relayout copy of the weights: the [out, in] values are K-major (contraction dim minor),
+  the operand layout of XLA:GPU's FP8 GEMMs. (Held [in, out] they cost the 671B step on
+  expert=8 an 85 GB transposed copy of every e4m3 weight; SCALE.md.) Not counted: weights
+  whose input dim is FSDP-split are gathered along their minor dim, which XLA:GPU does through
+  transposed copies of the local shards (0.4 GB on that step) and of one layer's weight.
 
 FLOPs (dsv3_jax/train/flops.py): training 6 x activated matmul weights + causal attention per
 token, times the tokens of a step; decoding 2 x activated weights + absorbed attention over
@@ -106,7 +107,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.attention import working_set_bytes as attention_working_set
-from dsv3_jax.plan_state import (FSDP_AXES, fp8_layouts, fp8_value_bytes,  # noqa: F401
+from dsv3_jax.plan_state import (FSDP_AXES, fp8_layouts,  # noqa: F401
                                  gathered_layer_bytes, shard_elements, stage_layer_bytes, state_bytes, stored_fp8)
 from dsv3_jax.train.losses import loss_peak_bytes
 from sharding.mesh import AXES, MeshError, parse_mesh_spec
@@ -345,18 +346,10 @@ def _serve(setup: Setup) -> Estimate:
              "activations": int(setup.batch * V * 4 * 2 + R * (DISPATCH_BUFFERS * cfg.hidden_size
                                 + FFN_BUFFERS * cfg.moe_intermediate_size / T) * c)}
     notes = []
-    if stored_fp8(setup):
-        # XLA:GPU's FP8 GEMMs take both operands K-major; our [in, out] values are not, so the
-        # compiled step keeps a transposed copy of every FP8 weight it reads (SCALE.md)
-        parts["fp8_relayout"] = fp8_value_bytes(setup, mtp=False)
-        ideal = (1 - HEADROOM) * DEVICES["h200"].memory - parts["params"] - parts["activations"]
-        notes.append(f"fp8_relayout: XLA:GPU transposes every FP8 weight to K-major once per "
-                     f"step (the checkpoint's [out, in] layout would avoid it); without it an "
-                     f"H200 holds {max(0, int(ideal // per_slot)) * shards:,} slots")
     attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * setup.seq / 2 * (
         2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     est = Estimate(parts, 2 * activated_matmul_params(cfg) + attn, setup.batch, notes)
-    fixed = parts["params"] + parts["activations"] + parts.get("fp8_relayout", 0)
+    fixed = parts["params"] + parts["activations"]
     for name, dev in DEVICES.items():
         free = (1 - HEADROOM) * dev.memory - fixed
         est.capacity_slots[name] = max(0, int(free // per_slot)) * shards

@@ -34,8 +34,9 @@ class Var(NamedTuple):
 
 
 class Fp8Layout(NamedTuple):
-    scale_shape: tuple     # [lead..., ceil(K / block[0]), ceil(N / block[1])]
-    block: tuple
+    shape: tuple           # the values' [lead..., out..., in...] (the checkpoint's orientation)
+    scale_shape: tuple     # [lead..., ceil(N / block[0]), ceil(K / block[1])]
+    block: tuple           # (N rows, K columns): the checkpoint's weight_block_size
     n_in: int              # input dims after the leading (layer, expert) ones
 
 
@@ -72,8 +73,8 @@ def fp8_layouts(cfg: ModelConfig) -> dict[tuple, Fp8Layout]:
     for v in variables(cfg):
         if v.path in groups:
             group = groups[v.path]
-            scale_shape, block = _stored_layout(cfg, group, v.shape)
-            out[v.path] = Fp8Layout(tuple(scale_shape), tuple(block), group[0].n_in)
+            shape, scale_shape, block = _stored_layout(cfg, group, v.shape)
+            out[v.path] = Fp8Layout(tuple(shape), tuple(scale_shape), tuple(block), group[0].n_in)
     return out
 
 
@@ -112,13 +113,14 @@ def _arrays(v: Var, sizes, itemsize: int, layout: Fp8Layout | None):
         fixed = v.fixed and not v.is_param  # Params are counted in the parameter dtype
         return [(v.axes, v.shape, _spec(v.axes, v.shape, sizes),
                  jnp.dtype(v.fixed).itemsize if fixed else itemsize)]
+    from dsv3_jax.fp8 import stored_order
     from sharding.rules import quantized_specs
     q_spec, s_spec = quantized_specs(v.axes, v.shape, layout.scale_shape, layout.block,
                                      _mesh(sizes), n_in=layout.n_in)
-    lead = len(layout.scale_shape) - 2
+    lead, n_in = len(layout.scale_shape) - 2, layout.n_in
     pad = lambda spec, n: tuple(spec) + (None,) * (n - len(spec))  # noqa: E731
-    s_axes = v.axes[:lead] + (v.axes[lead], v.axes[lead + layout.n_in])
-    return [(v.axes, v.shape, pad(q_spec, len(v.shape)), 1),
+    s_axes = v.axes[:lead] + (v.axes[lead + n_in], v.axes[lead])
+    return [(stored_order(v.axes, lead, n_in), layout.shape, pad(q_spec, len(v.shape)), 1),
             (s_axes, layout.scale_shape, pad(s_spec, len(layout.scale_shape)), 4)]
 
 
@@ -174,15 +176,3 @@ def state_bytes(setup, dtype) -> tuple[int, int, int]:
             else:
                 other += n * size
     return params, elements, other
-
-
-def fp8_value_bytes(setup, *, mtp: bool = True) -> int:
-    """Bytes of one device's e4m3 values of the FP8 weights kept as stored (0 otherwise);
-    `mtp=False` leaves out the MTP layer's (the decode step does not read them)."""
-    layouts = _layouts(setup)
-    total = 0
-    for v in variables(setup.config):
-        if v.path in layouts and (mtp or v.path[0] != "mtp"):
-            axes, shape, spec, size = _arrays(v, setup.sizes, 1, layouts[v.path])[0]
-            total += math.prod(shape) // math.prod(_split(e, setup.sizes) for e in spec) * size
-    return total

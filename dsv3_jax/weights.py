@@ -7,8 +7,8 @@ we store [in..., out...]). Loading reads tensor by tensor from memory maps and f
 parameter at a time, each device (process) reading only the tensors its shards touch, and of
 those only its own part (FP8 tensors it dequantizes: whole, then sliced). FP8 block-quantized
 weights are dequantized with their `weight_scale_inv`, or kept as stored (`precision="fp8"`:
-e4m3 values and block scales, split over a mesh at block boundaries). Saving writes bf16 /
-fp32, and FP8 weights kept as stored back in the official FP8 layout.
+e4m3 values [out..., in...] and block scales, the checkpoint's orientation, no transpose; split
+over a mesh at block boundaries). Saving writes bf16 / fp32, and stored FP8 weights as is.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.fp8 import QuantizedWeight
+from dsv3_jax.fp8 import QuantizedWeight, stored_order
 from dsv3_jax.layers.linear import Precision, as_precision
 from dsv3_jax.model import Transformer, abstract_model
 from dsv3_jax.safetensors_io import CheckpointError, CheckpointReader
@@ -147,9 +147,9 @@ def _scale_inv(reader: CheckpointReader, cfg: ModelConfig, key: str, shape: tupl
 
 def _read(reader: CheckpointReader, cfg: ModelConfig, e: Entry, slice_shape: tuple,
           dtype: np.dtype, part: str = "value", index: tuple = ()) -> np.ndarray:
-    """One tensor in our layout, or its part `index`: dequantized ("value"), raw e4m3 ("q") or
-    its block scales transposed to our [in, out] orientation ("scale"). Raw and unquantized
-    tensors are sliced on the memory map before they are converted, so only that part is read."""
+    """One tensor in our layout, or its part `index`: dequantized ("value"), or as stored, e4m3
+    [out..., in...] ("q": a view of the memory map) or block scales ("scale"). Raw and
+    unquantized tensors are sliced on the map before they are converted: only that part is read."""
     key = e.hf_key
     want = _hf_shape(slice_shape, e.n_in)
     if reader.shape(key) != want:
@@ -157,7 +157,9 @@ def _read(reader: CheckpointReader, cfg: ModelConfig, e: Entry, slice_shape: tup
                               f"expected {list(want)} for this config")
     t = reader.get(key)
     if part == "scale":
-        return np.asarray(_scale_inv(reader, cfg, key, t.shape).T[index], np.float32)
+        return np.asarray(_scale_inv(reader, cfg, key, t.shape)[index], np.float32)
+    if part == "q":  # as stored: the checkpoint's [out, in] split into our dims, no transpose
+        return np.asarray(t.reshape(stored_order(slice_shape, 0, e.n_in))[index])
     if part == "value" and t.dtype == E4M3:
         t = dequantize_fp8(t, _scale_inv(reader, cfg, key, t.shape), cfg.fp8_block_size or (128, 128))
     t = t.T.reshape(slice_shape) if e.n_in else t.reshape(slice_shape)  # views of the map
@@ -209,17 +211,19 @@ def _block_reader(reader: CheckpointReader, cfg: ModelConfig, group: list[Entry]
 
 
 def _stored_layout(cfg: ModelConfig, group: list[Entry], shape: tuple):
-    """(scale shape, block) of a parameter kept as stored, in our [in, out] orientation."""
+    """(values' [lead..., out..., in...], scales' [lead..., N / b0, K / b1] shapes, block) of a
+    parameter kept as stored: the checkpoint's orientation."""
     n_lead, n_in = len(group[0].index), group[0].n_in
     hf_out, hf_in = _hf_shape(shape[n_lead:], n_in)
     b0, b1 = cfg.fp8_block_size
-    return shape[:n_lead] + (-(-hf_in // b1), -(-hf_out // b0)), (b1, b0)
+    return (stored_order(shape, n_lead, n_in),
+            shape[:n_lead] + (-(-hf_out // b0), -(-hf_in // b1)), (b0, b1))
 
 
 def _stored_shardings(cfg: ModelConfig, var, group: list[Entry], shape: tuple, mesh, name: str):
     """(values, scales) NamedShardings of a parameter kept as stored (sharding/rules.py:
     whole blocks per device; BlockAlignmentError when a required split cannot keep them)."""
-    scale_shape, block = _stored_layout(cfg, group, shape)
+    _, scale_shape, block = _stored_layout(cfg, group, shape)
     axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
     q_spec, s_spec = quantized_specs(axes, shape, scale_shape, block, mesh, n_in=group[0].n_in,
                                      name=name)
@@ -227,17 +231,15 @@ def _stored_shardings(cfg: ModelConfig, var, group: list[Entry], shape: tuple, m
 
 
 def _stored_fp8(reader, cfg, group: list[Entry], shape: tuple, shardings) -> QuantizedWeight:
-    """A parameter kept as the checkpoint stores it: e4m3 values in our layout + block scales,
-    each device reading only its own blocks of both."""
-    scale_shape, block = _stored_layout(cfg, group, shape)
-    q_sharding, scale_sharding = shardings
-    q = jax.make_array_from_callback(shape, q_sharding,
-                                     _block_reader(reader, cfg, group, shape, E4M3, "q"))
-    scale = jax.make_array_from_callback(
-        scale_shape, scale_sharding,
-        _block_reader(reader, cfg, group, scale_shape, np.dtype(np.float32), "scale",
-                      shape[len(group[0].index):]))
-    return QuantizedWeight(q=q, scale=scale, block=block)
+    """A parameter kept as the checkpoint stores it: e4m3 values + block scales in the
+    checkpoint's orientation, each device reading only its own blocks of both."""
+    q_shape, scale_shape, block = _stored_layout(cfg, group, shape)
+    weight = shape[len(group[0].index):]  # one checkpoint tensor's slice, parameter layout
+    q = jax.make_array_from_callback(q_shape, shardings[0], _block_reader(
+        reader, cfg, group, q_shape, E4M3, "q", weight))
+    scale = jax.make_array_from_callback(scale_shape, shardings[1], _block_reader(
+        reader, cfg, group, scale_shape, np.dtype(np.float32), "scale", weight))
+    return QuantizedWeight(q=q, scale=scale, block=block, n_in=group[0].n_in)
 
 
 def load_hf(path: str | Path, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
@@ -341,8 +343,8 @@ def save_hf(model: Transformer, path: str | Path, *, dtype=None,
     copies = _mtp_copies(cfg)
     by_key = {e.hf_key: e for e in entries}
 
-    def part(e: Entry, v):
-        return v[e.index] if e.index else v
+    def part(e: Entry, v):  # one checkpoint tensor's slice of a parameter
+        return v.take(e.index) if isinstance(v, QuantizedWeight) else v[e.index] if e.index else v
 
     def to_hf(e: Entry, v: np.ndarray) -> np.ndarray:  # [in..., out...] -> [out, in]
         return v.reshape(math.prod(v.shape[:e.n_in]), -1).T if e.n_in else v
@@ -352,17 +354,13 @@ def save_hf(model: Transformer, path: str | Path, *, dtype=None,
     def tensor(key: str) -> np.ndarray:
         if key in scales:
             e = scales[key]
-            return np.ascontiguousarray(np.asarray(part(e, params[e.path].scale), np.float32).T)
+            return np.asarray(part(e, params[e.path].scale), np.float32)
         e = by_key[copies.get(key, key)]
-        v = params[e.path]
-        if isinstance(v, QuantizedWeight):
-            q = part(e, v.q)
+        v = part(e, params[e.path])
+        if isinstance(v, QuantizedWeight):  # stored [out..., in...]: the checkpoint's order
             if fp8:
-                return np.ascontiguousarray(to_hf(e, np.asarray(q)))
-            k = math.prod(q.shape[:e.n_in])
-            v = QuantizedWeight(q.reshape(k, -1), part(e, v.scale), v.block).dequantize().reshape(q.shape)
-        else:
-            v = part(e, v)
+                return np.asarray(v.flat().q)
+            v = v.dequantize()
         v = to_hf(e, np.asarray(v))
         if dtype is not None and not e.hf_key.endswith("e_score_correction_bias"):
             v = v.astype(dtype)

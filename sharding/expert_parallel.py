@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dsv3_jax.fp8 import QuantizedWeight
+from dsv3_jax.fp8 import QuantizedWeight, stored_order
 from dsv3_jax.layers import grouped_matmul as gm
 from dsv3_jax.layers.moe import expert_ffn
 from sharding.mesh import platform as mesh_platform
@@ -107,23 +107,34 @@ class ExpertParallelDispatcher:
             return out.reshape(-1, k, d), counts, dropped
 
         row_spec = P(bax, None)
-        w_spec, w_down_spec = P(ep_axis, None, tp_axis), P(ep_axis, tp_axis, None)
+        # [experts, embed, width] and [experts, width, embed] (FP8 experts as stored: values and
+        # scales [experts, out, in], the same split permuted)
+        w_specs = [_weight_spec(w, spec) for w, spec in zip(
+            routed.weights, ((ep_axis, None, tp_axis),) * 2 + ((ep_axis, tp_axis, None),))]
         fn = jax.shard_map(
             local, mesh=mesh,
-            in_specs=(row_spec, row_spec, w_spec, w_spec, w_down_spec),
+            in_specs=(row_spec, row_spec, *w_specs),
             out_specs=(P(bax, None, None), P(), P()),
             check_vma=True)
         return fn(x, experts, *routed.weights)
+
+
+def _weight_spec(w, spec: tuple) -> P:
+    """The PartitionSpec of an expert stack split as `spec` says for its parameter layout
+    [experts, in, out]; a QuantizedWeight's values and scales are [experts, out, in]."""
+    return P(*stored_order(spec, 1, 1)) if isinstance(w, QuantizedWeight) else P(*spec)
 
 
 def _check_blocks(weights, tp: int, tp_axis: str) -> None:
     """FP8 experts kept as stored (e4m3 values + block scales) are split over the tensor axis
     along their FFN width below, values and scales alike: the shards must hold whole blocks or
     a device's values would be scaled by another device's scales."""
-    for name, w, dim in zip(("gate_proj", "up_proj", "down_proj"), weights, (-1, -1, -2)):
+    # the width is gate / up's output (N, block[0]) and down's input (K, block[1])
+    for name, w, dim, b in zip(("gate_proj", "up_proj", "down_proj"), weights, (-1, -1, -2),
+                               (0, 0, 1)):
         if not isinstance(w, QuantizedWeight) or tp == 1:
             continue
-        width, block = w.q.shape[dim], w.block[dim]
+        width, block = w.shape[dim], w.block[b]
         if width % tp or (width // tp) % block:
             raise BlockAlignmentError(
                 f"routed experts' {name}: an FFN width of {width} split over mesh axis {tp_axis} "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 
 import jax
@@ -105,8 +106,10 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh):
     axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
     value = var.get_value()
     if isinstance(value, QuantizedWeight):
-        q_spec, s_spec = quantized_specs(axes, value.q.shape, value.scale.shape, value.block, mesh)
-        return QuantizedWeight(NamedSharding(mesh, q_spec), NamedSharding(mesh, s_spec), value.block)
+        q_spec, s_spec = quantized_specs(axes, value.shape, value.scale.shape, value.block, mesh,
+                                         n_in=value.n_in)
+        return dataclasses.replace(value, q=NamedSharding(mesh, q_spec),
+                                   scale=NamedSharding(mesh, s_spec))
     return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh))
 
 
@@ -123,52 +126,40 @@ class BlockAlignmentError(ValueError):
 REQUIRED_SPLITS = ("experts", "expert_mlp")
 
 
-def _in_dims(q_shape, scale_shape, block) -> int:
-    """How many of a quantized weight's matmul dims form its input (K) side: the split of
-    q's dims after the leading (layer, expert) ones whose products the scales' grid covers."""
-    lead = len(scale_shape) - 2
-    dims = q_shape[lead:]
-    fits = [n for n in range(1, len(dims))
-            if -(-math.prod(dims[:n]) // block[0]) == scale_shape[-2]
-            and -(-math.prod(dims[n:]) // block[1]) == scale_shape[-1]]
-    if len(fits) != 1:
-        raise ValueError(f"block scales {tuple(scale_shape)} do not fit values {tuple(q_shape)} "
-                         f"in {tuple(block)} blocks in exactly one way (input dims: {fits})")
-    return fits[0]
-
-
-def _block_units(q_shape, lead: int, n_in: int, block) -> list[int]:
-    """Per dim of q, the shard granularity that keeps whole blocks: 1 for leading dims; for the
-    first dim of the input (output) group, what makes (dim / parts) * (the group's other dims)
-    a multiple of the block; the group's other dims cannot be split into contiguous blocks at
-    all (a unit larger than the dim)."""
+def _block_units(shape, lead: int, n_in: int, block) -> list[int]:
+    """Per dim of the parameter [lead..., in..., out...], the shard granularity that keeps whole
+    blocks (`block` = (N rows, K columns)): 1 for leading dims; for the first dim of the input
+    (output) group, what makes (dim / parts) * (the group's other dims) a multiple of the
+    block; the group's other dims cannot be split into contiguous blocks at all (a unit larger
+    than the dim)."""
     units = [1] * lead
-    for dims, b in ((q_shape[lead:lead + n_in], block[0]), (q_shape[lead + n_in:], block[1])):
+    for dims, b in ((shape[lead:lead + n_in], block[1]), (shape[lead + n_in:], block[0])):
         rest = math.prod(dims[1:])
         units.append(b // math.gcd(b, rest))
         units += [d + 1 for d in dims[1:]]
     return units
 
 
-def quantized_specs(axes, q_shape, scale_shape, block, mesh, *, n_in: int | None = None,
+def quantized_specs(axes, shape, scale_shape, block, mesh, *, n_in: int,
                     name: str = "") -> tuple[P, P]:
     """(values, scales) PartitionSpecs of a block-quantized weight by the logical-axis rules.
 
-    `q_shape` is [lead..., in..., out...] (lead: layer / expert stacks), the scales
-    [lead..., ceil(K / block[0]), ceil(N / block[1])] with K, N the products of the input and
-    output dims (`n_in` of them input; inferred from the shapes when None). Values take the
-    table's split restricted to whole blocks; the scales take the same mesh axes on the leading
-    dims and, on their K (N) dim, those of the first input (output) dim, so every device's
-    values and scales cover the same blocks. Raises BlockAlignmentError (naming `name`) when a
-    dim in `REQUIRED_SPLITS` cannot be split at block boundaries."""
+    `axes` and `shape` are the parameter's [lead..., in..., out...] (`n_in` input dims; lead:
+    layer / expert stacks); the values are stored [lead..., out..., in...] and the scales
+    [lead..., ceil(N / block[0]), ceil(K / block[1])] (dsv3_jax/fp8.py QuantizedWeight). The
+    split is the table's for the parameter (the same mesh axes on the same logical dims as an
+    unquantized weight, where blocks allow), restricted to whole blocks, then permuted to the
+    stored order; the scales take the same mesh axes on the leading dims and, on their N (K)
+    dim, those of the first output (input) dim, so every device's values and scales cover the
+    same blocks. Raises BlockAlignmentError (naming `name`) when a dim in `REQUIRED_SPLITS`
+    cannot be split at block boundaries."""
+    from dsv3_jax.fp8 import stored_order
     lead = len(scale_shape) - 2
-    n_in = n_in or _in_dims(q_shape, scale_shape, block)
-    units = _block_units(q_shape, lead, n_in, block)
-    q_spec = logical_to_spec(axes, q_shape, mesh, units)
-    _check_required(axes, q_shape, units, q_spec, mesh, block, lead, n_in, name)
-    q_parts = tuple(q_spec) + (None,) * (len(q_shape) - len(q_spec))
-    s_spec = P(*q_parts[:lead], q_parts[lead], q_parts[lead + n_in])
-    return q_spec, s_spec
+    units = _block_units(shape, lead, n_in, block)
+    spec = logical_to_spec(axes, shape, mesh, units)
+    _check_required(axes, shape, units, spec, mesh, block, lead, n_in, name)
+    parts = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return P(*stored_order(parts, lead, n_in)), P(*parts[:lead], parts[lead + n_in], parts[lead])
 
 
 def _check_required(axes, shape, units, spec, mesh, block, lead, n_in, name) -> None:
@@ -180,7 +171,7 @@ def _check_required(axes, shape, units, spec, mesh, block, lead, n_in, name) -> 
             continue
         mesh_axes = (want,) if isinstance(want, str) else tuple(want)
         parts = math.prod(mesh.shape[a] for a in mesh_axes)
-        b = block[0] if i < lead + n_in else block[1]
+        b = block[1] if i < lead + n_in else block[0]
         ok = [1] + [m for m in range(2, dim + 1) if _splits(dim, m, unit)]  # 1: not split
         raise BlockAlignmentError(
             f"{name or 'a block-quantized weight'}: its {axis} dimension of {dim} split over mesh "
@@ -214,6 +205,20 @@ def constrain(x: jax.Array, axes) -> jax.Array:
             raise ValueError(f"the {name} dimension of size {dim} is not divisible by {n}, the "
                              f"product of the mesh axes {'x'.join(want)} that split it")
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def unsplit(x: jax.Array, dims: tuple[int, ...]) -> jax.Array:
+    """Pin dims `dims` of `x` unsplit (every device holds them whole), the other dims' placement
+    left to the compiler; a no-op outside a mesh and inside shard_map. For an operand a loop
+    slices along such a dim (the FP8 product's K-blocks): XLA then gathers it once, before the
+    loop, where a split dim made it gather the whole operand again for every slice."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:
+        return x
+    spec = [P.UNCONSTRAINED] * x.ndim
+    for d in dims:
+        spec[d] = None
+    return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def batch_axes(mesh, *, include_trivial: bool = False) -> tuple[str, ...]:

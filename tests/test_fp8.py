@@ -54,7 +54,9 @@ def test_quantization_round_trip_and_partial_blocks():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((576, 200)).astype(np.float32)
     qw = quantize_weight(jnp.asarray(w))
-    assert qw.q.dtype == jnp.float8_e4m3fn and qw.scale.shape == (5, 2)
+    # held as FP8 checkpoints hold it: [out, in] values, [out / 128, in / 128] scales
+    assert qw.q.dtype == jnp.float8_e4m3fn and qw.q.shape == (200, 576) and qw.scale.shape == (2, 5)
+    assert qw.shape == (576, 200)
     assert _rel(qw.dequantize(), w) < 0.04
     q, s = quantize_tiles(jnp.asarray(w))
     assert q.shape == (576, 256) and s.shape == (576, 2)
@@ -68,8 +70,9 @@ def test_prequantized_weight_is_used_as_stored(block):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((16, 192)).astype(np.float32)
     qw = quantize_weight(jnp.asarray(rng.standard_normal((192, 576)), jnp.float32), block)
-    hf = QuantizedWeight.from_checkpoint(qw.q.T, qw.scale.T, (block[1], block[0]))
-    assert hf.q.dtype == jnp.float8_e4m3fn and hf.block == block
+    hf = QuantizedWeight.from_checkpoint(np.asarray(qw.q), np.asarray(qw.scale), block)
+    assert hf.q.dtype == jnp.float8_e4m3fn and hf.block == block and hf.shape == (192, 576)
+    assert hf.q.shape == (576, 192)  # the checkpoint's [out, in], not transposed
     y = fp8_matmul(jnp.asarray(x), hf)
     ref = x.astype(np.float64) @ np.asarray(qw.dequantize(), np.float64)
     assert _rel(y, ref) < 0.04
@@ -193,11 +196,12 @@ def test_fp8_checkpoint_runs_as_stored(case):
         value = params[e.path]
         if reader.dtype(e.hf_key).name == "float8_e4m3fn":
             assert isinstance(value, QuantizedWeight) and value.q.dtype == jnp.float8_e4m3fn, e.hf_key
+            # the checkpoint's bytes in the checkpoint's order: [out..., in...] values, no transpose
             q = np.asarray(value.q[e.index] if e.index else value.q)
-            q = q.reshape(int(np.prod(q.shape[:e.n_in])), -1).T
-            np.testing.assert_array_equal(q.view(np.uint8), np.asarray(reader.get(e.hf_key)).view(np.uint8))
+            hf = np.asarray(reader.get(e.hf_key))
+            np.testing.assert_array_equal(q.reshape(hf.shape).view(np.uint8), hf.view(np.uint8))
             s = np.asarray(value.scale[e.index] if e.index else value.scale)
-            np.testing.assert_array_equal(s.T, reader.get(e.hf_key + "_scale_inv"))
+            np.testing.assert_array_equal(s, reader.get(e.hf_key + "_scale_inv"))
             stored += 1
         else:
             assert not isinstance(value, QuantizedWeight) and value.dtype in (jnp.bfloat16, jnp.float32)

@@ -83,11 +83,14 @@ def _rows(sl: slice, n: int) -> tuple[int, int]:
 
 
 def _check_blocks_cover_values(name, qw: QuantizedWeight, n_in: int, mesh):
-    """On every device the scale shard is exactly the blocks of the value shard."""
+    """On every device the scale shard is exactly the blocks of the value shard (values
+    [lead..., out..., in...], scales [lead..., N / block[0], K / block[1]])."""
     lead = qw.scale.ndim - 2
     dims = qw.q.shape[lead:]
-    groups = [(lead, math.prod(dims[:n_in]) // dims[0], qw.block[0]),
-              (lead + n_in, math.prod(dims[n_in + 1:]), qw.block[1])]
+    n_out = len(dims) - n_in
+    assert qw.n_in == n_in, name
+    groups = [(lead, math.prod(dims[1:n_out]), qw.block[0]),
+              (lead + n_out, math.prod(dims[n_out + 1:]), qw.block[1])]
     q_index = qw.q.sharding.devices_indices_map(qw.q.shape)
     s_index = qw.scale.sharding.devices_indices_map(qw.scale.shape)
     for dev in mesh.devices.flat:
@@ -100,7 +103,7 @@ def _check_blocks_cover_values(name, qw: QuantizedWeight, n_in: int, mesh):
             # values' rows (flattened over the group) [a0 * inner, a1 * inner) are blocks [s0, s1)
             assert a0 * inner == s0 * block, (name, dev, g)
             assert -(-a1 * inner // block) == s1, (name, dev, g)
-            full = math.prod(dims[:n_in]) if g == 0 else math.prod(dims[n_in:])
+            full = math.prod(dims[:n_out]) if g == 0 else math.prod(dims[n_out:])
             assert a1 * inner == full or (a1 * inner) % block == 0, (name, dev, g)
 
 
@@ -133,30 +136,30 @@ def test_fp8_weights_stay_e4m3_split_at_block_boundaries(spec, loaded):
                     assert shard.data.dtype == arr.dtype
             _check_blocks_cover_values(name, value, e.n_in, mesh)
         q, s = (a[e.index] if e.index else a for a in host[e.path])
-        q = q.reshape(math.prod(q.shape[:e.n_in]), -1).T  # the checkpoint's [out, in]
-        np.testing.assert_array_equal(q.view(np.uint8), np.asarray(reader.get(e.hf_key)).view(np.uint8))
-        np.testing.assert_array_equal(s.T, reader.get(e.hf_key + "_scale_inv"))
+        hf = np.asarray(reader.get(e.hf_key))  # held in the checkpoint's [out, in] order
+        np.testing.assert_array_equal(q.reshape(hf.shape).view(np.uint8), hf.view(np.uint8))
+        np.testing.assert_array_equal(s, reader.get(e.hf_key + "_scale_inv"))
     assert stored >= 100
 
     # the routed experts are split over the expert axis (and their FFN width over tensor):
     # each device holds and reads only its own experts' blocks
     experts = model.moe_layers.mlp.experts.gate_proj.get_value()
-    layers, n_exp, d, f = experts.q.shape
+    layers, n_exp, f, d = experts.q.shape  # [out, in]: the FFN width before the embedding
     tp = mesh.shape["tensor"]
-    for arr, width, block in ((experts.q, f, 1), (experts.scale, experts.scale.shape[-1], 1)):
+    for arr, width in ((experts.q, f), (experts.scale, experts.scale.shape[-2])):
         for shard in arr.addressable_shards:
             assert shard.data.shape[:2] == (layers, n_exp // mesh.shape["expert"])
-            assert shard.data.shape[-1] == width // tp
+            assert shard.data.shape[-2] == width // tp
     key = "model.layers.1.mlp.experts.0.gate_proj.weight"
     fs = mesh.shape["fsdp"]  # the expert stacks' embed dim is split over fsdp too
     got = {(part, shape) for k, part, shape in reads if k == key}
-    assert got == {("q", (d // fs, f // tp)), ("scale", (d // 16 // fs, f // 16 // tp))}, got
+    assert got == {("q", (f // tp, d // fs)), ("scale", (f // 16 // tp, d // 16 // fs))}, got
     if spec == "data=2,tensor=2,expert=2":  # a dense weight split FSDP-style over expert (blocks of 16)
-        kv_b = model.moe_layers.self_attn.kv_b_proj.get_value()
-        assert kv_b.q.addressable_shards[0].data.shape[1] == kv_b.q.shape[1] // 2
+        kv_b = model.moe_layers.self_attn.kv_b_proj.get_value()  # [layers, heads, dim, kv_lora]
+        assert kv_b.q.addressable_shards[0].data.shape[-1] == kv_b.q.shape[-1] // 2
     if spec == "fsdp=2,expert=4":  # embed 64 over fsdp x expert = 8 would cut 16-blocks: fsdp only
-        q_a = model.moe_layers.self_attn.q_a_proj.get_value()
-        assert tuple(q_a.q.sharding.spec)[1] == "fsdp" and tuple(q_a.scale.sharding.spec)[1] == "fsdp"
+        q_a = model.moe_layers.self_attn.q_a_proj.get_value()  # [layers, q_lora, embed]
+        assert tuple(q_a.q.sharding.spec)[2] == "fsdp" and tuple(q_a.scale.sharding.spec)[2] == "fsdp"
 
 
 @pytest.mark.parametrize("spec", MESHES)
@@ -190,17 +193,22 @@ def test_splits_that_cut_blocks_fall_back_to_fewer_axes():
     # the 671B layout on one 8-GPU node (expert=8), from the shapes alone
     e8 = make_mesh("expert=8")
 
-    def spec(axes, q, scale, n_in=1):
-        return quantized_specs(axes, q, scale, (128, 128), e8, n_in=n_in)
+    def spec(axes, shape, scale, n_in=1):  # the parameter's axes and shape; scales [N/b, K/b]
+        return quantized_specs(axes, shape, scale, (128, 128), e8, n_in=n_in)
 
+    P = jax.sharding.PartitionSpec
     assert spec(("layers", "experts", "embed", "expert_mlp"), (58, 256, 7168, 2048),
-                (58, 256, 56, 16))[0] == jax.sharding.PartitionSpec(None, "expert", None, None)
+                (58, 256, 16, 56)) == (P(None, "expert", None, None), P(None, "expert", None, None))
     # q_lora 1536 / 8 = 192 rows would cut 128-blocks: q_b_proj stays whole on each device
-    assert spec(("q_lora", "heads", "head_dim"), (1536, 128, 192), (12, 192)) == (
-        jax.sharding.PartitionSpec(None, None, None), jax.sharding.PartitionSpec(None, None))
-    # embed 7168 / 8 = 896 = 7 blocks: split, and the scales with it
-    assert spec(("heads", "head_dim", "embed"), (128, 128, 7168), (128, 56), n_in=2) == (
-        jax.sharding.PartitionSpec(None, None, "expert"), jax.sharding.PartitionSpec(None, "expert"))
+    assert spec(("q_lora", "heads", "head_dim"), (1536, 128, 192), (192, 12)) == (
+        P(None, None, None), P(None, None))
+    # embed 7168 / 8 = 896 = 7 blocks: split, and the scales with it; the values are stored
+    # [embed, heads, head_dim] (out before in), the split follows the embed dim
+    assert spec(("heads", "head_dim", "embed"), (128, 128, 7168), (56, 128), n_in=2) == (
+        P("expert", None, None), P("expert", None))
+    # q_a_proj [embed, q_lora]: embed wins the expert axis as for an unquantized weight
+    # (stored [q_lora, embed]; q_lora 1536 could not take it anyway at 128-blocks)
+    assert spec(("embed", "q_lora"), (7168, 1536), (12, 56)) == (P(None, "expert"), P(None, "expert"))
 
 
 def test_fp8_save_load_round_trip_is_exact(tmp_path, loaded):

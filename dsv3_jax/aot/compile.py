@@ -70,9 +70,9 @@ def _placed(state, mesh):
     def place(v, s):
         w = v.get_value()
         if isinstance(w, QuantizedWeight):
-            return v.replace(QuantizedWeight(
-                jax.ShapeDtypeStruct(w.q.shape, w.q.dtype, sharding=s.q),
-                jax.ShapeDtypeStruct(w.scale.shape, w.scale.dtype, sharding=s.scale), w.block))
+            return v.replace(dataclasses.replace(
+                w, q=jax.ShapeDtypeStruct(w.q.shape, w.q.dtype, sharding=s.q),
+                scale=jax.ShapeDtypeStruct(w.scale.shape, w.scale.dtype, sharding=s.scale)))
         return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
 
     shardings = jax.tree.map(lambda v: variable_sharding(v, mesh), state, is_leaf=is_var)
@@ -82,8 +82,8 @@ def _placed(state, mesh):
 
 def _stored_fp8(state, cfg):
     """The serving state with the official FP8 checkpoint's weights as load_hf(precision="fp8")
-    keeps them: each a `QuantizedWeight` of float8_e4m3fn values (the parameter's shape) and
-    fp32 block scales (plan_state.fp8_layouts), abstract; the rest unchanged."""
+    keeps them: each a `QuantizedWeight` of float8_e4m3fn values (the checkpoint's [out, in]
+    orientation) and fp32 block scales (plan_state.fp8_layouts), abstract; the rest unchanged."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -94,9 +94,9 @@ def _stored_fp8(state, cfg):
     for path, v in nnx.to_flat_state(state):
         layout = layouts.get(tuple(path))
         if layout is not None:
-            v = v.replace(QuantizedWeight(jax.ShapeDtypeStruct(v.shape, jnp.float8_e4m3fn),
+            v = v.replace(QuantizedWeight(jax.ShapeDtypeStruct(layout.shape, jnp.float8_e4m3fn),
                                           jax.ShapeDtypeStruct(layout.scale_shape, jnp.float32),
-                                          layout.block))
+                                          layout.block, layout.n_in))
         flat.append((path, v))
     return nnx.from_flat_state(flat)
 
@@ -242,7 +242,8 @@ def compile_prefill(setup, target: Target = CPU) -> Compiled:
     ids = vec(n, jnp.int32, setup.seq)
     with jax.set_mesh(mesh):
         return _measure("prefill", setup, target, mesh, lambda: prefill.lower(
-            weights, cache, None, ids, vec(n, jnp.int32), vec(n, jnp.int32), sampling(n)))
+            weights, cache, None, ids, ids, vec(n, jnp.int32), vec(n, jnp.int32),
+            vec(n, jnp.bool_), vec(n, jnp.int32), sampling(n), window=0))
 
 
 STEPS = {"train": compile_train, "decode": compile_decode, "prefill": compile_prefill}

@@ -161,32 +161,30 @@ def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, 
     return out.reshape((n_chunks * chunk,) + out.shape[2:])[:tiles]
 
 
-def _tile_products(w, use_fp8: bool):
-    """Per-tile forward and dgrad products against each tile's expert weight."""
+def _tile_forward(w, use_fp8: bool):
+    """Per-tile products x_t @ w[g] against each tile's expert weight."""
     if not use_fp8:
-        def fwd(gs, xs):
-            return jnp.einsum("tmk,tkn->tmn", xs, w[gs], preferred_element_type=jnp.float32)
-
-        def dgrad(gs, dys):
-            return jnp.einsum("tmn,tkn->tmk", dys, w[gs], preferred_element_type=jnp.float32)
-        return fwd, dgrad
+        return lambda gs, xs: jnp.einsum("tmk,tkn->tmn", xs, w[gs], preferred_element_type=jnp.float32)
+    # [groups, N, K] values: an FP8 checkpoint's experts as stored, or quantized from the master
     qw = w if isinstance(w, f8.QuantizedWeight) else jax.vmap(f8.quantize_weight)(w)
+    return lambda gs, xs: jax.vmap(lambda g, x: f8.fp8_forward(x, qw.take(g)))(gs, xs)
 
-    def one(g):
-        return f8.QuantizedWeight(qw.q[g], qw.scale[g], qw.block)
 
-    def fwd(gs, xs):
-        return jax.vmap(lambda g, x: f8.fp8_forward(x, one(g)))(gs, xs)
-
-    def dgrad(gs, dys):
-        return jax.vmap(lambda g, dy: f8.fp8_dgrad(dy, one(g)))(gs, dys)
-    return fwd, dgrad
+def _tile_dgrad(w, use_fp8: bool):
+    """Per-tile products dy_t @ w[g]^T."""
+    if not use_fp8:
+        return lambda gs, dys: jnp.einsum("tmn,tkn->tmk", dys, w[gs], preferred_element_type=jnp.float32)
+    # W^T per expert, [groups, K, N] values: quantized from the master weights' own layout (no
+    # copy); stored experts' blocks transposed (a copy, only in a backward pass through them)
+    wt = (w.transpose() if isinstance(w, f8.QuantizedWeight)
+          else jax.vmap(f8.quantize_weight)(jnp.swapaxes(w, 1, 2)))
+    return lambda gs, dys: jax.vmap(lambda g, dy: f8.fp8_dgrad(dy, wt.take(g)))(gs, dys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _gmm(x, w, tile_group, used_tiles, tile, use_fp8, out_dtype):
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
-    product, _ = _tile_products(w, use_fp8)
+    product = _tile_forward(w, use_fp8)
 
     def fn(gs, xs):
         return product(gs, xs).astype(out_dtype)
@@ -208,7 +206,7 @@ def _gmm_bwd(tile, use_fp8, out_dtype, res, dy):
     x, w, tile_group, used_tiles = res
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
     xt, dyt = x.reshape(tiles, tile, k), dy.reshape(tiles, tile, n).astype(x.dtype)
-    _, dgrad = _tile_products(w, use_fp8)
+    dgrad = _tile_dgrad(w, use_fp8)
 
     def dx_fn(gs, dys):
         return dgrad(gs, dys).astype(x.dtype)

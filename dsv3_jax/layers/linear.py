@@ -80,15 +80,13 @@ def project(x: jax.Array, w, n_in: int, precision: Precision) -> jax.Array:
     """Contract the last `n_in` dims of `x` with the first `n_in` of `w` ([in..., out...]).
 
     In `precision.dtype` with fp32 accumulation, or through `fp8_matmul` (w may then be a
-    QuantizedWeight whose `q` has w's full shape and whose scales cover the flattened
-    [in, out] matrix)."""
+    QuantizedWeight: `shape` is the parameter's, its values the stored [out..., in...], used
+    as the [N, K] matrix without a copy)."""
     in_dims, out_dims = w.shape[:n_in], w.shape[n_in:]
     k, n = math.prod(in_dims), math.prod(out_dims)
     x2 = x.reshape(*x.shape[:-n_in], k).astype(precision.dtype)
     if precision.fp8 or isinstance(w, QuantizedWeight):
-        w2 = (QuantizedWeight(w.q.reshape(k, n), w.scale, w.block)
-              if isinstance(w, QuantizedWeight) else w.reshape(k, n))
-        y = fp8_matmul(x2, w2)
+        y = fp8_matmul(x2, w.flat() if isinstance(w, QuantizedWeight) else w.reshape(k, n))
     else:
         y = jnp.einsum("...k,kn->...n", x2, w.reshape(k, n).astype(precision.dtype),
                        preferred_element_type=jnp.float32).astype(precision.dtype)

@@ -120,11 +120,11 @@ class MLA(nnx.Module):
     def absorbed_weights(self) -> tuple[Float[Array, "kv_lora heads nope"], Float[Array, "kv_lora heads v"]]:
         """(W_UK, W_UV): kv_b_proj split per head into its key and value parts, compute dtype."""
         w = self.kv_b_proj[...]
-        if isinstance(w, QuantizedWeight):  # an FP8 checkpoint's weight: the absorbed products
-            r, h, d = w.q.shape             # are not projections of activations, run them in bf16
-            w = QuantizedWeight(w.q.reshape(r, h * d), w.scale, w.block).dequantize().reshape(r, h, d)
-        w = w.astype(self.dtype)
         nope = self.cfg.qk_nope_head_dim
+        if isinstance(w, QuantizedWeight):  # an FP8 checkpoint's weight: the absorbed products
+            # are not projections of activations, run them in bf16
+            return w.dequantize_parts((nope, self.cfg.v_head_dim), self.dtype)
+        w = w.astype(self.dtype)
         return w[..., :nope], w[..., nope:]
 
     def decode(self, x: Float[Array, "batch seq embed"], cos: Float[Array, "batch seq half"],
