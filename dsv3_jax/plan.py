@@ -64,7 +64,8 @@ Serving (the engine's decode step, bf16 by default):
   (kv_lora_rank + qk_rope_head_dim) * c (the cache's "layers" axis is also split over P);
 - the step's temporaries: logits 2 * slots * V * 4, one layer's gathered weights (as in
   training, once) and the expert dispatch buffers of the slots' tokens;
-- capacity: the most slots whose cache fits next to the rest (a multiple of Dd Fs X).
+- capacity: the most slots (a multiple of Dd Fs X) whose whole estimate fits: the cache,
+  logits and dispatch buffers grow with the slots.
 
 Serving the official FP8 checkpoint as stored (`--serve --precision fp8`, a config with a
 `quantization_config`; what load_hf(precision="fp8") keeps, dsv3_jax/plan_state.py):
@@ -336,23 +337,30 @@ def _serve(setup: Setup) -> Estimate:
         raise MeshError(f"{setup.batch} slots are not divisible by the {shards} batch shards "
                         "(data x fsdp x expert) of the mesh")
     params, _, other = state_bytes(setup, setup.param_jnp)
-    slots = setup.batch // shards
     per_slot = _cache_bytes_per_slot(setup)
     V, T = cfg.vocab_size, s["tensor"]
-    R = _dispatch_rows(setup, slots)
     c = 2 if setup.precision != "fp32" else 4
-    parts = {"params": params + other, "kv_cache": int(slots * per_slot),
-             "gathered": gathered_layer_bytes(setup, setup.param_jnp),
-             "activations": int(setup.batch * V * 4 * 2 + R * (DISPATCH_BUFFERS * cfg.hidden_size
-                                + FFN_BUFFERS * cfg.moe_intermediate_size / T) * c)}
-    notes = []
+    fixed = {"params": params + other, "gathered": gathered_layer_bytes(setup, setup.param_jnp)}
+
+    def parts_for(slots: int) -> dict[str, int]:  # slots per batch shard
+        R = _dispatch_rows(setup, slots)
+        return {"params": fixed["params"], "kv_cache": int(slots * per_slot),
+                "gathered": fixed["gathered"],
+                "activations": int(slots * shards * V * 4 * 2 + R * (
+                    DISPATCH_BUFFERS * cfg.hidden_size + FFN_BUFFERS * cfg.moe_intermediate_size / T) * c)}
+
+    parts = parts_for(setup.batch // shards)
     attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * setup.seq / 2 * (
         2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    est = Estimate(parts, 2 * activated_matmul_params(cfg) + attn, setup.batch, notes)
-    fixed = parts["params"] + parts["activations"]
+    est = Estimate(parts, 2 * activated_matmul_params(cfg) + attn, setup.batch, [])
     for name, dev in DEVICES.items():
-        free = (1 - HEADROOM) * dev.memory - fixed
-        est.capacity_slots[name] = max(0, int(free // per_slot)) * shards
+        # the most slots whose whole estimate fits (cache, logits and dispatch buffers grow
+        # with them): from the cache-only bound down
+        usable = (1 - HEADROOM) * dev.memory
+        n = max(0, int((usable - sum(fixed.values())) // per_slot))
+        while n and sum(parts_for(n).values()) > usable:
+            n -= 1
+        est.capacity_slots[name] = n * shards
     return est
 
 
