@@ -17,7 +17,7 @@ from flax import nnx
 
 from dsv3_jax.fp8 import QuantizedWeight, fp8_matmul
 
-PRECISIONS = ("fp32", "bf16", "fp8")
+PRECISIONS = ("fp32", "bf16", "fp8", "fp8-fp32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +32,16 @@ class Precision:
 
     @classmethod
     def named(cls, name: str) -> "Precision":
-        """"fp32", "bf16" or "fp8" (bf16 activations, e4m3 matmuls)."""
+        """"fp32", "bf16", "fp8" (bf16 activations, e4m3 matmuls) or "fp8-fp32" (e4m3 matmuls,
+        fp32 activations: FP8's rounding without bf16's, to study it or compare meshes)."""
         if name not in PRECISIONS:
             raise ValueError(f"precision {name!r}: allowed {PRECISIONS}")
-        if name == "fp8" and not fp8_supported():
-            warnings.warn("precision='fp8' needs a Hopper-class GPU (or CPU emulation): this "
+        fp8 = name.startswith("fp8")
+        if fp8 and not fp8_supported():
+            warnings.warn(f"precision={name!r} needs a Hopper-class GPU (or CPU emulation): this "
                           f"{jax.devices()[0].device_kind} falls back to bf16", stacklevel=2)
-            name = "bf16"
-        return cls(jnp.float32 if name == "fp32" else jnp.bfloat16, name == "fp8")
+            name, fp8 = "bf16", False
+        return cls(jnp.float32 if name in ("fp32", "fp8-fp32") else jnp.bfloat16, fp8)
 
 
 def fp8_supported() -> bool:
