@@ -247,6 +247,18 @@ def encode_corpus(files: Sequence[Path], tokenizer: Tokenizer, *, eos_id: int = 
 
 # ---------------------------------------------------------------------------------- batching
 
+def check_same_batches(state: dict[str, Any], batch_size: int, seq_len: int, num_tokens: int) -> None:
+    """Raise DataError unless a checkpoint's data `state` has a position and was cut from the
+    same tokens into the same batch and sequence sizes as this run's."""
+    missing = {"seed", "epoch", "position"} - set(state)
+    if missing:
+        raise DataError(f"data state {state} lacks {sorted(missing)}")
+    for field, mine in (("batch_size", batch_size), ("seq_len", seq_len), ("num_tokens", num_tokens)):
+        if field in state and state[field] != mine:
+            raise DataError(f"data state has {field}={state[field]} but this run has {mine}; "
+                            f"resuming would not continue the same batches")
+
+
 class TokenBatcher:
     """Seeded, resumable next-token windows [batch_per_process, seq_len + 1] from a token array.
 
@@ -309,14 +321,7 @@ class TokenBatcher:
         if state.get("packed"):
             raise DataError("the checkpoint's run packed documents (dsv3_jax/packing.py); resume "
                             "it with --pack-documents")
-        missing = {"seed", "epoch", "position"} - set(state)
-        if missing:
-            raise DataError(f"data state {state} lacks {sorted(missing)}")
-        for field in ("batch_size", "seq_len", "num_tokens"):
-            mine = getattr(self, field) if field != "num_tokens" else len(self.tokens)
-            if field in state and state[field] != mine:
-                raise DataError(f"data state has {field}={state[field]} but this run has {mine}; "
-                                f"resuming would not continue the same batches")
+        check_same_batches(state, self.batch_size, self.seq_len, len(self.tokens))
         if not 0 <= state["position"] < self.batches_per_epoch or state["epoch"] < 0:
             raise DataError(f"data state epoch={state['epoch']} position={state['position']} is "
                             f"outside this corpus ({self.batches_per_epoch} batches per epoch)")

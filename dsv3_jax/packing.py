@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from dsv3_jax.data import EOS_ID, PAD_ID, DataError
+from dsv3_jax.data import EOS_ID, PAD_ID, DataError, check_same_batches
 
 
 def document_spans(tokens: Integer[np.ndarray, " tokens"], eos_id: int = EOS_ID
@@ -167,14 +167,7 @@ class DocumentPacker:
         if not state.get("packed"):
             raise DataError("the checkpoint's run read contiguous windows, not packed documents; "
                             "resume it without --pack-documents")
-        missing = {"seed", "epoch", "position"} - set(state)
-        if missing:
-            raise DataError(f"data state {state} lacks {sorted(missing)}")
-        for field in ("batch_size", "seq_len", "num_tokens"):
-            mine = getattr(self, field) if field != "num_tokens" else len(self.tokens)
-            if field in state and state[field] != mine:
-                raise DataError(f"data state has {field}={state[field]} but this run has {mine}; "
-                                f"resuming would not continue the same batches")
+        check_same_batches(state, self.batch_size, self.seq_len, len(self.tokens))
         if state["epoch"] < 0:
             raise DataError(f"data state epoch={state['epoch']} is negative")
         previous = self.seed, self.epoch, self.position
