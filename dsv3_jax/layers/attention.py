@@ -22,7 +22,7 @@ backend kernel applies. Where one does (causal attention with no offsets, bf16/f
 they are, segment ids supported; run per shard under `shard_map` over the logical batch and
 heads axes), on NVIDIA GPUs cuDNN flash attention through `jax.nn.dot_product_attention`
 (whose API needs V as wide as K: V is zero-padded to 192, +20% attention FLOPs; no segment
-ids). `implementation=` (or the `implementation(...)` context) forces a choice, "dense" being
+ids), also per shard (its own partitioning rule fails inside the pipeline's shard_map). `implementation=` (or the `implementation(...)` context) forces a choice, "dense" being
 the whole-score-matrix form the model used before (the oracle); `block_sizes` picks the blocks
 per backend.
 """
@@ -173,12 +173,33 @@ def _pad_seq(multiple: int, *xs):
     return [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs]
 
 
+def _per_shard(local, q_nope, q_pe, k_nope, k_pe, v, seg):
+    """`local(q_nope, q_pe, k_nope, k_pe, v, seg)` on each device's shard of the logical batch
+    and heads axes (`shard_map`; a kernel's custom call is not partitioned by XLA, and the cuDNN
+    one's own partitioning rule fails inside the pipeline stages' shard_map)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q_nope, q_pe, k_nope, k_pe, v, seg)
+    spec = lambda axes, x: logical_to_spec(axes, x.shape, mesh)
+    heads = ("batch", "seq", "heads", None)
+    specs = (spec(heads, q_nope), spec(heads, q_pe), spec(heads, k_nope),
+             spec(("batch", "seq", None), k_pe), spec(heads, v), spec(("batch", "seq"), seg))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=spec(heads, v),
+                         check_vma=False)(q_nope, q_pe, k_nope, k_pe, v, seg)
+
+
 def _cudnn(q_nope, q_pe, k_nope, k_pe, v, scale):
-    s, dv = q_nope.shape[1], v.shape[-1]
-    q, k = _concat_heads(q_nope, q_pe, k_nope, k_pe)
-    q, k, v = _pad_seq(64, q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)]))
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-    return out[:, :s, :, :dv]
+    """cuDNN flash attention (NVIDIA GPUs) per shard; V zero-padded to the 192-dim key width."""
+    def local(qn, qp, kn, kp, v, _):
+        s, dv = qn.shape[1], v.shape[-1]
+        q, k = _concat_heads(qn, qp, kn, kp)
+        q, k, v = _pad_seq(64, q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)]))
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                           implementation="cudnn")
+        return out[:, :s, :, :dv]
+
+    seg = jnp.zeros(q_nope.shape[:2], jnp.int32)  # unused: shard_map needs every operand's spec
+    return _per_shard(local, q_nope, q_pe, k_nope, k_pe, v, seg)
 
 
 def _splash(q_nope, q_pe, k_nope, k_pe, v, scale, q_seg, k_seg):
@@ -207,15 +228,7 @@ def _splash(q_nope, q_pe, k_nope, k_pe, v, scale, q_seg, k_seg):
                                          segment_ids=sk.SegmentIds(sg, sg)).swapaxes(0, 1)
         return jax.vmap(one)(q, k, v, seg)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(q_nope, q_pe, k_nope, k_pe, v, seg)[:, :seq]
-    spec = lambda axes, x: logical_to_spec(axes, x.shape, mesh)
-    heads = ("batch", "seq", "heads", None)
-    specs = (spec(heads, q_nope), spec(heads, q_pe), spec(heads, k_nope),
-             spec(("batch", "seq", None), k_pe), spec(heads, v), spec(("batch", "seq"), seg))
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=spec(heads, v),
-                         check_vma=False)(q_nope, q_pe, k_nope, k_pe, v, seg)[:, :seq]
+    return _per_shard(local, q_nope, q_pe, k_nope, k_pe, v, seg)[:, :seq]
 
 
 def dense_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=None, kv_len=None,
