@@ -260,6 +260,7 @@ def test_train_pack_documents_on_a_mesh(tmp_path):
     assert extra["data"]["packed"] is True and extra["data"]["position"] == 3
 
 
+@pytest.mark.slow  # pipelines and segment ids each have their fast tests
 def test_pipelined_forward_and_loss_take_segment_ids():
     """pipeline=2,expert=4: the stages attend within documents, and the packed loss through
     pipeline_forward (as train_step runs it) equals the single-device one."""

@@ -148,7 +148,7 @@ def single_device_run(corpus, config, tmp_path_factory):
     return _train(corpus, config, tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("spec,micro", MESHES)
+@pytest.mark.parametrize("spec,micro", [MESHES[0], pytest.param(*MESHES[1], marks=pytest.mark.slow)])
 def test_pipelined_training_matches_single_device(spec, micro, corpus, config, tmp_path,
                                                   single_device_run):
     lines = []
