@@ -417,7 +417,7 @@ def main(argv=None) -> int:
 
     global SMOKE_RUN
     SMOKE_RUN = args.smoke
-    t_start = time.perf_counter()
+    t_start, commit_start = time.perf_counter(), git_commit()
     load_before = os.getloadavg()[0]
     parts = {"demo": ("train", "serve"), "all": ("train", "serve", "layer")}.get(
         args.part, (args.part,))
@@ -465,7 +465,10 @@ def main(argv=None) -> int:
             f"TPU, cuDNN flash attention on GPU; named by the kernel custom calls found in the "
             f"optimized HLO); \"blockwise\" forces the pure-JAX flash form; \"dense\" the whole "
             f"[heads, S, S] score matrix.\n\n{t}")
-    load = (f"Commit {git_commit()}; 1-minute load average {load_before:.2f} before, "
+    commit, commit_end = commit_start, git_commit()
+    if commit_end != commit:  # someone committed during the run: workers saw both trees
+        commit = f"{commit} at the start, {commit_end} at the end"
+    load = (f"Commit {commit}; 1-minute load average {load_before:.2f} before, "
             f"{os.getloadavg()[0]:.2f} after; {time.perf_counter() - t_start:.0f} s in all")
     print(load)
     if args.json:

@@ -27,7 +27,7 @@ def tables(text: str) -> list[list[list[str]]]:
 
 @pytest.mark.slow
 def test_smoke_run_writes_every_table(tmp_path):
-    """~35 s on 2 idle cores (one process per configuration, each compiling)."""
+    """33-37 s on 2 lightly loaded cores: 5 processes (one per configuration), each compiling."""
     out = tmp_path / "bench.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env["JAX_PLATFORMS"] = "cpu"
