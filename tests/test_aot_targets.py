@@ -118,6 +118,9 @@ ENTRY %main (x.1: f32[8,16], w.1: bf16[4,32], l: f8e4m3fn[64,128], r: f8e4m3fn[1
   %loop = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body
   %as = ((bf16[4,32]{1,0}), bf16[16,32]{1,0}) async-start(%w.1), calls=%wrapped
   %ad = bf16[16,32]{1,0} async-done(%as)
+  %kernel = f32[8,16]{1,0} custom-call(%x.1), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUxJUg==",
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="jit(f)/splash_attention"}
   %ar = f32[8,16]{1,0} all-reduce-start(%x.1), replica_groups=mesh['a'=2,'b'=4] {'b'}, to_apply=%add, backend_config={"collective_backend_config":{"is_sync":true}}
   %ard = f32[8,16]{1,0} all-reduce-done(%ar)
   %gemm = (f32[64,256]{1,0}, s8[1024]{0}) custom-call(%l, %r), custom_call_target="__cublas$lt$matmul$f8", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
@@ -128,7 +131,8 @@ ENTRY %main (x.1: f32[8,16], w.1: bf16[4,32], l: f8e4m3fn[64,128], r: f8e4m3fn[1
 
 def test_audit_of_a_handwritten_module():
     """Trip counts from the loop condition, async wrappers, is_sync, the three replica-group
-    notations and a cuBLAS FP8 GEMM call, against numbers worked out by hand."""
+    notations and a cuBLAS FP8 GEMM call, against numbers worked out by hand; a TPU kernel's
+    backend_config printed over three lines (one starting with "}}") ends nothing."""
     a = audit.audit(SYNTHETIC)
     c = a["collectives"]
     # all-to-all in a 6-trip loop, groups of 4: 512 bytes in, 3/4 of them sent, 6 times

@@ -106,7 +106,13 @@ def source_locations(hlo_text: str) -> dict[str, str]:
 def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
     """({computation name: its instructions}, the entry computation's name)."""
     comps: dict[str, list[Instruction]] = {}
-    entry, current = "", None
+    entry, current, pending = "", None, ""
+
+    def flush():
+        inst = _parse_instruction(pending) if pending else None
+        if inst is not None:
+            comps[current].append(inst)
+
     for line in hlo_text.splitlines():
         if current is None:
             h = _HEADER.match(line)
@@ -116,12 +122,14 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
                 if h.group(1):
                     entry = current
             continue
-        if line.startswith("}"):
-            current = None
-            continue
-        inst = _parse_instruction(line)
-        if inst is not None:
-            comps[current].append(inst)
+        if line.rstrip() == "}":  # a computation's end is a lone brace
+            flush()
+            current, pending = None, ""
+        elif line.startswith(" "):
+            flush()
+            pending = line
+        else:  # an attribute printed over several lines (a TPU kernel's backend_config)
+            pending += "\n" + line
     return comps, entry
 
 
