@@ -115,7 +115,7 @@ def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "b
                                kv_segment_ids=kv_segment_ids)
     if impl != "blockwise":
         raise ValueError(f"attention: implementation {impl!r}; allowed {IMPLEMENTATIONS}")
-    dq, dk = block_sizes(sq, sk)
+    dq, dk = block_sizes(sq, sk, _platform())  # the target's, also when compiling ahead of time
     bq, bk = block_q or dq, block_k or dk
     q_offset = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
     kv_len = jnp.full((b,), sk, jnp.int32) if kv_len is None else kv_len.astype(jnp.int32)
