@@ -156,6 +156,7 @@ def test_fp8_serving_state_bytes_equal_the_loaded_shards(ckpt, spec):
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
 
 
+@pytest.mark.slow  # minutes of XLA:GPU compile; tests/test_fp8_layout.py compiles stored FP8 for H100 in seconds
 def test_fp8_serving_decode_compiles_for_h100_with_stored_weights():
     """The engine's decode step compiles for an 8 x H100 host (XLA:GPU) with the FP8 weights
     as stored (the tiny FP8 checkpoint's config, expert=8): its inputs are the planner's state
