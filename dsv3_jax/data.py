@@ -247,6 +247,17 @@ def encode_corpus(files: Sequence[Path], tokenizer: Tokenizer, *, eos_id: int = 
 
 # ---------------------------------------------------------------------------------- batching
 
+def check_batching(batch_size: int, seq_len: int, process_index: int, process_count: int) -> None:
+    """Raise DataError unless the sizes are positive and the batch splits over the processes."""
+    if batch_size < 1 or seq_len < 1:
+        raise DataError(f"batch_size {batch_size} and seq_len {seq_len} must be positive")
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} is outside [0, {process_count})")
+    if batch_size % process_count:
+        raise DataError(f"batch_size {batch_size} is not divisible by the process count "
+                        f"{process_count}")
+
+
 def check_same_batches(state: dict[str, Any], batch_size: int, seq_len: int, num_tokens: int) -> None:
     """Raise DataError unless a checkpoint's data `state` has a position and was cut from the
     same tokens into the same batch and sequence sizes as this run's."""
@@ -270,13 +281,7 @@ class TokenBatcher:
 
     def __init__(self, tokens: Integer[np.ndarray, " tokens"], batch_size: int, seq_len: int,
                  seed: int = 0, *, process_index: int = 0, process_count: int = 1):
-        if batch_size < 1 or seq_len < 1:
-            raise DataError(f"batch_size {batch_size} and seq_len {seq_len} must be positive")
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index {process_index} is outside [0, {process_count})")
-        if batch_size % process_count:
-            raise DataError(f"batch_size {batch_size} is not divisible by the process count "
-                            f"{process_count}")
+        check_batching(batch_size, seq_len, process_index, process_count)
         self.tokens = tokens
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.process_index, self.process_count = process_index, process_count

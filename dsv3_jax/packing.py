@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from dsv3_jax.data import EOS_ID, PAD_ID, DataError, check_same_batches
+from dsv3_jax.data import EOS_ID, PAD_ID, DataError, check_batching, check_same_batches
 
 
 def document_spans(tokens: Integer[np.ndarray, " tokens"], eos_id: int = EOS_ID
@@ -90,13 +90,7 @@ class DocumentPacker:
     def __init__(self, tokens: Integer[np.ndarray, " tokens"], batch_size: int, seq_len: int,
                  seed: int = 0, *, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
                  process_index: int = 0, process_count: int = 1):
-        if batch_size < 1 or seq_len < 1:
-            raise DataError(f"batch_size {batch_size} and seq_len {seq_len} must be positive")
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index {process_index} is outside [0, {process_count})")
-        if batch_size % process_count:
-            raise DataError(f"batch_size {batch_size} is not divisible by the process count "
-                            f"{process_count}")
+        check_batching(batch_size, seq_len, process_index, process_count)
         self.tokens = tokens
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.pad_id = pad_id
