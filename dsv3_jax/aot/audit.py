@@ -17,6 +17,14 @@ dict (kept in `python -m dsv3_jax.aot --json`):
   convolutions (the TPU compiler's form of a dot), ragged dots and cuBLAS GEMM calls run per
   step, and their FLOPs where the HLO gives them (dots and GEMM calls; the TPU's convolutions
   are counted but their FLOPs are left to the compiler's own cost analysis).
+- `grouped_gemms`: the routed experts' grouped GEMMs (dsv3_jax/layers/platform_gmm.py): native
+  kernels per step (XLA's `ragged-dot` op, or a TPU / Mosaic GPU custom call made for a ragged
+  dot or a megablox `gmm`/`tgmm`), split by JAX's op names into forward, recomputed (remat's
+  `rematted_computation`) and backward (`transpose(`; a kernel the compiler re-made without
+  JAX's metadata is judged by its users), `wgrad` the backward ones with a ragged contraction
+  (one [K, N] output per group; the others are dgrad); and
+  `dense`: plain matmuls carrying a ragged dot's op name, i.e. the compiler expanded a ragged dot
+  into a dense [groups, rows, K] product (XLA:GPU does), with their FLOPs.
 - `cost`: the backend's cost analysis (FLOPs, bytes accessed, optimal seconds) where it
   reports one (the TPU compiler and XLA:CPU; XLA:GPU's deviceless compile does not).
 
@@ -36,6 +44,9 @@ from dsv3_jax.aot.hlo import (Instruction, arrays, attr, is_sync, multiplicities
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "reduce-scatter", "all-reduce",
                "collective-permute")
 _GEMM_TARGETS = ("gemm", "matmul")
+# custom calls that may be a grouped GEMM kernel, and the op names that say they are one
+_KERNEL_TARGETS = ("tpu_custom_call", "mosaic_gpu")
+_GROUPED_NAME = re.compile(r"ragged[-_]dot|ragged_contracting|(^|/)t?gmm(/|$)")
 TOP = 6  # collectives listed by source line
 
 
@@ -94,6 +105,35 @@ def _matmul(inst: Instruction, types: dict[str, str]) -> tuple[str, float | None
     return key, 2.0 * math.prod(out[0][1]) * k
 
 
+def _grouped_gemm(inst: Instruction) -> bool:
+    """Whether `inst` is a native grouped GEMM kernel (see the module docstring)."""
+    if inst.opcode == "ragged-dot":
+        return True
+    if inst.opcode != "custom-call":
+        return False
+    target = re.search(r'custom_call_target="([^"]*)"', inst.attrs)
+    out = arrays(inst.type)
+    return bool(target and target.group(1).startswith(_KERNEL_TARGETS)
+                and _GROUPED_NAME.search(op_name(inst) or inst.name)
+                and out and out[0][0].startswith(("f", "bf")) and len(out[0][1]) >= 2)
+
+
+def _direction(inst: Instruction, users: dict[str, list[Instruction]]) -> str:
+    """"forward", "recomputed" (rematerialised in the backward pass) or "backward", from JAX's
+    op name or, where the compiler dropped it, from the nearest users that have one (through
+    copies and bitcasts); "unattributed" when none says."""
+    frontier, seen = [inst], set()
+    for _ in range(4):
+        names = [n for n in map(op_name, frontier) if n.startswith("jit(")]
+        if any("rematted_computation" in n for n in names):
+            return "recomputed"
+        if names:
+            return "backward" if any("transpose(" in n for n in names) else "forward"
+        seen.update(i.name for i in frontier)
+        frontier = [u for i in frontier for u in users.get(i.name, []) if u.name not in seen]
+    return "unattributed"
+
+
 def _conv_flops(attrs: str, lhs, rhs, out) -> float | None:
     """FLOPs of a convolution, the TPU compiler's form of a dot (batch dims become windows with
     lhs dilation): 2 x output elements x the kernel's input features x the window taps that
@@ -132,12 +172,23 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
     by_source: dict[tuple[str, str], dict] = {}
     matmuls: dict[str, dict] = {}
     largest = dict(bytes=0, shape="", op_name="")
+    grouped = dict(forward=0, recomputed=0, backward=0, unattributed=0, wgrad=0, dense=0,
+                   dense_flops=0.0)
     for name, insts in comps.items():
         m = mult.get(name, 0)
         if not m:
             continue
         types = {i.name: i.type for i in insts}
+        users = None
         for inst in insts:
+            if _grouped_gemm(inst):
+                if users is None:
+                    users = {}
+                    for i in insts:
+                        for o in i.operands:
+                            users.setdefault(o, []).append(i)
+                grouped[_direction(inst, users)] += m
+                grouped["wgrad"] += m if len(arrays(inst.type)[0][1]) == 3 else 0
             op = inst.opcode
             base = op[:-len("-start")] if op.endswith("-start") else op
             if base in COLLECTIVES and not op.endswith("-done"):
@@ -171,13 +222,17 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
                     row["without_flops"] += m
                 else:
                     row["flops"] += m * flops
+                if _GROUPED_NAME.search(op_name(inst)):  # a ragged dot expanded to a dense one
+                    grouped["dense"] += m
+                    grouped["dense_flops"] += m * (flops or 0.0)
     for c in coll.values():
         c["bytes"] = int(c["bytes"])
     top = sorted(by_source.values(), key=lambda r: -r["bytes"])[:TOP]
     for r in top:
         r["bytes"] = int(r["bytes"])
     return dict(collectives=coll, largest_all_gather=largest, matmuls=matmuls,
-                cost=_cost(cost), unbounded_loops=unknown, top_collectives=top)
+                grouped_gemms=grouped, cost=_cost(cost), unbounded_loops=unknown,
+                top_collectives=top)
 
 
 def _cost(cost) -> dict | None:
@@ -222,6 +277,15 @@ def table(a: dict, planner_flops: float | None = None) -> str:
             fl = f"{r['flops'] / 1e9:,.1f}" + (f" (+{r['without_flops']:,} convolutions)"
                                                 if r["without_flops"] else "")
         lines.append(f"  {key:<24} {r['count']:>9,}    {fl}")
+    g = a.get("grouped_gemms")
+    if g:
+        dense = (f"DENSE EXPANSION: {g['dense']:,} matmuls from ragged dots "
+                 f"({g['dense_flops'] / 1e9:,.1f} GFLOP)" if g["dense"] else "no dense expansion")
+        more = f", {g['unattributed']:,} unattributed" if g["unattributed"] else ""
+        remat = f" (+{g['recomputed']:,} recomputed by remat)" if g["recomputed"] else ""
+        lines.append(f"routed experts' grouped GEMMs per step (native kernels): forward "
+                     f"{g['forward']:,}{remat}, backward {g['backward']:,} (dgrad "
+                     f"{g['backward'] - g['wgrad']:,}, wgrad {g['wgrad']:,}){more}; " + dense)
     cost = a.get("cost") or {}
     mf = matmul_flops(a)
     flops = [("compiler", cost.get("flops")), ("HLO matmuls", mf), ("planner", planner_flops)]

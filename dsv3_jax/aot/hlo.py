@@ -24,6 +24,10 @@ _DEF = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = ")
 _CALLED = re.compile(r"\b(calls|body|to_apply|condition|true_computation|false_computation|"
                      r"branch_computations|called_computations|async_wrapped_computation)="
                      r"(\{[^}]*\}|%?[\w.\-]+)")
+# "}" or, for the TPU compiler's SparseCore computations, '}, execution_thread="sparsecore"'
+_END = re.compile(r'^\}(, execution_thread="[^"]*")?\s*$')
+
+
 def arrays(type_str: str) -> list[tuple[str, tuple[int, ...]]]:
     """The (dtype, shape) of every array in an HLO type (a tuple type gives several)."""
     return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(type_str)]
@@ -122,7 +126,7 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
                 if h.group(1):
                     entry = current
             continue
-        if line.rstrip() == "}":  # a computation's end is a lone brace
+        if _END.match(line):  # a computation's end: a lone brace (or one naming its thread)
             flush()
             current, pending = None, ""
         elif line.startswith(" "):

@@ -110,6 +110,7 @@ class Target:
                 platform="cuda", topology_name="", topology=f"1x{hosts}x{gpus}",
                 target_config=gpu_target_config(GPUS[self.name][0]))
             _target_cudnn_checks(COMPUTE_CAPABILITY[self.name])
+            _target_tokamax_checks(COMPUTE_CAPABILITY[self.name])
         devices = list(topo.devices)
         if len(devices) != n:
             raise TargetError(f"target {self.spec} has {len(devices)} devices; the mesh has {n}")
@@ -165,6 +166,18 @@ def _target_cudnn_checks(capability: str) -> None:
     have = tuple(int(v) for v in capability.split("."))
     fa.check_compute_capability = lambda cap: have >= tuple(int(v) for v in cap.split("."))
     fa.is_cuda_compute_capability_equal = lambda cap: cap == capability
+
+
+def _target_tokamax_checks(capability: str) -> None:
+    """tokamax (the optional GPU grouped-GEMM kernels, dsv3_jax/layers/platform_gmm.py) picks
+    its Mosaic GPU kernel (sm90, sm100) by the compute capability of JAX's default device, the
+    CPU in a deviceless compile: answered for the target's GPU."""
+    try:
+        from tokamax._src import gpu_utils
+    except Exception:  # noqa: BLE001 - not installed (or another layout): nothing to answer
+        return
+    cc = float(capability)
+    gpu_utils._compute_capability = lambda device=None: cc
 
 
 def _require(module: str, what: str) -> None:

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.layers import grouped_matmul as gm
+from dsv3_jax.layers import platform_gmm
 from dsv3_jax.layers.linear import Precision, as_precision, param
 from dsv3_jax.layers.mlp import MLP
 
@@ -136,12 +137,19 @@ class RoutedExperts(nnx.Module):
 def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout,
                precision: Precision, out_dtype=None) -> Float[Array, "size embed"]:
     """SwiGLU of each tile of rows with its own expert's (gate, up, down) weights; the output
-    in `out_dtype` (default the compute dtype; fp32 for partial sums over a split FFN width)."""
+    in `out_dtype` (default the compute dtype; fp32 for partial sums over a split FFN width).
+    The grouped matmuls run on the compile target's kernel (dsv3_jax/layers/platform_gmm.py:
+    ours on CPU and for FP8, the platform's grouped GEMM on TPU and GPU)."""
     w_gate, w_up, w_down = weights
-    dtype, fp8 = precision.dtype, precision.fp8
-    g = gm.grouped_matmul(xs, w_gate, layout, dtype, fp8)
-    u = gm.grouped_matmul(xs, w_up, layout, dtype, fp8)
-    return gm.grouped_matmul(jax.nn.silu(g) * u, w_down, layout, dtype, fp8, out_dtype)
+    dtype = precision.dtype
+    fp8 = precision.fp8 or isinstance(w_gate, QuantizedWeight)
+    impl = platform_gmm.current(fp8=fp8)
+
+    def matmul(x, w, out=None):
+        return platform_gmm.grouped_matmul(x, w, layout, dtype, out, impl, fp8=fp8)
+
+    g, u = matmul(xs, w_gate), matmul(xs, w_up)
+    return matmul(jax.nn.silu(g) * u, w_down, out_dtype)
 
 
 def per_row_expert_ffn(weights, xs: Float[Array, "rows embed"], experts: Int[Array, "rows"],

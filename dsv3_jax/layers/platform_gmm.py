@@ -1,0 +1,204 @@
+"""The grouped matmul of the routed experts, per backend: the one place that chooses its kernel.
+
+`expert_ffn` (dsv3_jax/layers/moe.py) multiplies a tiled, expert-grouped row buffer (a
+`GroupedLayout`, dsv3_jax/layers/grouped_matmul.py) by each expert's weight. Which kernel does
+it depends on the backend being compiled for (the context mesh's devices, so an ahead-of-time
+compile for TPU or GPU on a CPU host chooses the target's kernel):
+
+- CPU: "ours", the tile-chunk loop of grouped_matmul.py (XLA:CPU has no grouped GEMM; its
+  `ragged_dot` is a dense [groups, rows, K] emulation).
+- TPU: "ragged_dot", `jax.lax.ragged_dot_general`, which the TPU compiler keeps as its own
+  grouped-GEMM kernels (`ragged-dot` custom calls) for the forward, dgrad (ragged rows) and
+  wgrad (ragged contraction) alike; nothing to install, the compiler tiles it, and its cost
+  analysis counts 2 x rows x K x N per product. Pallas megablox `gmm`/`tgmm` and tokamax's
+  Mosaic TPU kernel compile natively too, but their `pallas_call` outputs carry no varying
+  type, so they fail inside the expert-parallel `shard_map` (check_vma=True), and they add
+  group-metadata ops around each call: not offered.
+- GPU: "tokamax", `tokamax.ragged_dot_general` on its Pallas Mosaic GPU kernels (sm90 wgmma,
+  sm100), when the optional extra is installed (`pip install -e ".[tokamax]"`); else "ours".
+  XLA:GPU lowers `jax.lax.ragged_dot` by expanding it to a dense dot over [groups, rows, K]
+  (groups x the useful FLOPs); its cuDNN ragged-dot fusion needs bf16 outputs, a GPU present
+  at compile time and a newer cuDNN for wgrad (SCALE.md, "Native grouped GEMMs on TPU and H100").
+- FP8 (block-scaled e4m3 experts, trained or as stored): always "ours". Our FP8 numerics
+  quantize activations per 1 x 128 row block and weights per 128 x 128 block and rescale every
+  128-wide K block's fp32 partial product (dsv3_jax/fp8.py); no platform grouped GEMM here takes
+  those block scales (XLA's ragged dot has no scales; tokamax's quantized ragged dot quantizes
+  weights only, per channel or sub-channel, with bf16 activations), so none is exact to them.
+
+Every platform kernel gets the same numerics as ours: operands in `dtype`, fp32 accumulation,
+the product rounded once to `out_dtype`; in the backward pass (a custom VJP) the cotangent is
+cast to `dtype`, dx = dy w^T is a grouped GEMM with the ragged rows (the weight read transposed,
+not copied) and dW = x^T dy a grouped GEMM with a ragged contraction, both fp32-accumulated.
+Group g's operand rows are its padded size, ceil(group_sizes[g] / tile) * tile, as the layout
+places them (zero padding rows add nothing); rows past the last group are set to zero in the
+outputs, whatever a kernel leaves there.
+
+`implementation("ragged_dot")` forces a kernel for everything traced inside it (tests,
+benchmarks); FP8 experts stay on ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from dsv3_jax.fp8 import QuantizedWeight
+from dsv3_jax.layers import grouped_matmul as gm
+from sharding.mesh import platform as mesh_platform
+
+IMPLEMENTATIONS = ("ours", "ragged_dot", "tokamax")
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("grouped_matmul", default=None)
+# dx = dy w^T: rows ragged, w's N contracted, w's group dim picks the weight
+_DGRAD = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0])
+# dW = x^T dy: the rows contracted and ragged, one [K, N] output per group
+_WGRAD = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[])
+_FORWARD = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [1]), ([], [])), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0])
+
+
+@contextlib.contextmanager
+def implementation(name: str | None):
+    """`with implementation("ragged_dot"): ...` makes every expert grouped matmul traced inside
+    use that kernel (None: the platform's choice); FP8 experts stay on "ours"."""
+    if name is not None and name not in IMPLEMENTATIONS:
+        raise ValueError(f"grouped matmul implementation {name!r}; allowed {IMPLEMENTATIONS}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+@functools.cache
+def have_tokamax() -> bool:
+    """Whether the optional tokamax package imports (`pip install -e ".[tokamax]"`)."""
+    try:
+        import tokamax  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or broken against this jax: not used
+        return False
+    return True
+
+
+def choose(platform: str, *, fp8: bool) -> str:
+    """The grouped-matmul kernel for `platform` ("cpu", "gpu", "tpu"): see the module docstring."""
+    if fp8 or platform not in ("tpu", "gpu"):
+        return "ours"
+    if platform == "tpu":
+        return "ragged_dot"
+    return "tokamax" if have_tokamax() else "ours"
+
+
+def _platform() -> str:
+    """The backend being compiled for: the context mesh's devices, else JAX's default backend."""
+    return mesh_platform(jax.sharding.get_abstract_mesh())
+
+
+def current(*, fp8: bool) -> str:
+    """The kernel a grouped matmul traced now uses: the forced one, else the platform's choice."""
+    if fp8:
+        return "ours"
+    return _FORCED.get() or choose(_platform(), fp8=False)
+
+
+def padded_group_sizes(layout: gm.GroupedLayout) -> Int[Array, "groups"]:
+    """Rows each group occupies in the layout's buffer: its routed rows rounded up to the tile."""
+    return (-(-layout.group_sizes // layout.tile) * layout.tile).astype(jnp.int32)
+
+
+def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"],
+                   layout: gm.GroupedLayout, dtype, out_dtype=None, impl: str | None = None, *,
+                   fp8: bool = False) -> Float[Array, "size n"]:
+    """Group g's rows of `x` times `w[g]`, operands in `dtype`, fp32 accumulation, the product
+    in `out_dtype` (default `dtype`), by `impl` (default: `current`); FP8 (`fp8`, or stored
+    `QuantizedWeight` experts) runs on ours."""
+    out_dtype = out_dtype or dtype
+    fp8 = fp8 or isinstance(w, QuantizedWeight)
+    impl = "ours" if fp8 else (impl or current(fp8=False))
+    if impl == "ours":
+        return gm.grouped_matmul(x, w, layout, dtype, fp8, out_dtype)
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"grouped matmul implementation {impl!r}; allowed {IMPLEMENTATIONS}")
+    if impl == "tokamax" and not have_tokamax():
+        raise ValueError('grouped matmul "tokamax": the package is not installed '
+                         '(pip install -e ".[tokamax]")')
+    x, w = x.astype(dtype), w.astype(dtype)
+    # Inside shard_map, x and w get the same varying axes before the custom VJP (as in
+    # grouped_matmul.py): the implicit broadcasts transpose to the psums of dx over tensor
+    # shards and of dW over batch shards.
+    x, w = _vary_like(x, w), _vary_like(w, x)
+    sizes = _vary_like(padded_group_sizes(layout), x)
+    return _platform_gmm(x, w, sizes, impl, jnp.dtype(out_dtype).name, _platform())
+
+
+def _vary_like(x, *deps):
+    """`x` typed as varying over the shard_map axes of `deps` too (a select on a constant False
+    adds no arithmetic on `deps`, which may hold inf); unchanged where it already is."""
+    for d in deps:
+        have, need = _varying(x), _varying(d)
+        if have is None or need is None or not need <= have:
+            x = x + jnp.where(False, d.reshape(-1)[0], 0).astype(x.dtype)
+    return x
+
+
+def _varying(a) -> frozenset | None:
+    """The shard_map axes `a` varies over (jax 0.12: `manual_axis_type.varying`; earlier:
+    `vma`); None when this JAX says neither."""
+    t = jax.typeof(a)
+    mat = getattr(t, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    vma = getattr(t, "vma", None)
+    return None if vma is None else frozenset(vma)
+
+
+def _rows_in_groups(y, sizes):
+    """`y` with the rows past the last group set to zero (kernels may leave them unwritten)."""
+    return jnp.where((jnp.arange(y.shape[0]) < sizes.sum())[:, None], y, jnp.zeros((), y.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _platform_gmm(x, w, sizes, impl, out_dtype, platform):
+    y = _ragged(impl, platform, x, w, sizes, _FORWARD)
+    return _rows_in_groups(y, sizes).astype(out_dtype)
+
+
+def _platform_gmm_fwd(x, w, sizes, impl, out_dtype, platform):
+    return _platform_gmm(x, w, sizes, impl, out_dtype, platform), (x, w, sizes)
+
+
+def _platform_gmm_bwd(impl, out_dtype, platform, res, dy):
+    x, w, sizes = res
+    dy = dy.astype(x.dtype)
+    dx = _rows_in_groups(_ragged(impl, platform, dy, w, sizes, _DGRAD), sizes).astype(x.dtype)
+    dw = _ragged(impl, platform, x, dy, sizes, _WGRAD).astype(w.dtype)
+    return dx, dw, None
+
+
+_platform_gmm.defvjp(_platform_gmm_fwd, _platform_gmm_bwd)
+
+
+def _ragged(impl: str, platform: str, lhs, rhs, sizes, dims) -> jax.Array:
+    """One fp32-accumulated grouped GEMM (forward, dgrad or wgrad form) by `impl`; inside
+    shard_map typed as varying like its operands (a kernel's custom call may drop that type)."""
+    f32 = jnp.float32
+    if impl == "ragged_dot":
+        out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=f32)
+    else:  # tokamax
+        import tokamax
+        # its Mosaic GPU kernel named for a GPU target (tokamax's own choice asks the default
+        # device, the CPU in an ahead-of-time compile); elsewhere its XLA reference (its Mosaic
+        # TPU kernel fails under shard_map's check_vma, like megablox: module docstring)
+        kernel = "mosaic_gpu" if platform == "gpu" else "xla"
+        out = tokamax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=f32,
+                                         implementation=kernel)
+    return _vary_like(out, lhs, rhs)
