@@ -265,3 +265,63 @@ def test_h100_compiles_expert_parallel_grouped_matmuls_to_native_kernels():
     assert out["grouped"] == dict(forward=3, recomputed=0, backward=6, unattributed=0,
                                   wgrad=3, dense=0, dense_flops=0.0), out
     assert out["dense_buffers"] == [], out
+
+
+GROUPED_HLO = """%sc_add (a: s32[], b: s32[]) -> s32[] {
+  %a = s32[] parameter(0)
+  %b = s32[] parameter(1)
+  ROOT %s = s32[] add(%a, %b)
+}, execution_thread="sparsecore"
+
+%body (p: (s32[], bf16[64,32])) -> (s32[], bf16[64,32]) {
+  %p = (s32[], bf16[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[64,32]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[4,32,16]{2,1,0} constant({...})
+  %gs = s32[4]{0} constant({16, 16, 16, 16})
+  %fwd = f32[64,16]{1,0} custom-call(%gs, %x, %w), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/jvp()/while/body/ragged_dot_general/ragged-dot-none"}, backend_config={"custom_call_config": {"cost_estimate":{"flops":"65536","transcendentals":"0"}}}
+  %re = f32[64,16]{1,0} custom-call(%gs, %x, %w), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/transpose(jvp())/while/body/checkpoint/rematted_computation/ragged_dot_general/ragged-dot-none"}
+  %dy = bf16[64,16]{1,0} convert(%re)
+  %dx = f32[64,32]{1,0} custom-call(%gs, %dy, %w), custom_call_target="tpu_custom_call", metadata={op_name="ragged-dot-none"}
+  %copy = f32[64,32]{1,0} copy(%dx)
+  %dxb = bf16[64,32]{1,0} convert(%copy), metadata={op_name="jit(f)/transpose(jvp())/while/body/convert_element_type"}
+  %dw = f32[4,32,16]{2,1,0} custom-call(%gs, %x, %dy), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/transpose(jvp())/while/body/ragged_dot_general/ragged-dot-none"}
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[64,32]{1,0}) tuple(%n, %dxb)
+}
+
+%cond (q: (s32[], bf16[64,32])) -> pred[] {
+  %q = (s32[], bf16[64,32]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %five = s32[] constant(5)
+  ROOT %lt = pred[] compare(%j, %five), direction=LT
+}
+
+ENTRY %main (x.1: bf16[64,32], e: bf16[256,32], w2: bf16[32,16]) -> bf16[64,32] {
+  %x.1 = bf16[64,32]{1,0} parameter(0)
+  %e = bf16[256,32]{1,0} parameter(1)
+  %w2 = bf16[32,16]{1,0} parameter(2)
+  %expanded = f32[256,16]{1,0} dot(%e, %w2), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/jvp()/ragged_dot_general"}
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[64,32]{1,0}) tuple(%zero, %x.1)
+  %loop = (s32[], bf16[64,32]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[64,32]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_audit_counts_grouped_gemms_of_a_handwritten_module():
+    """A loop of 5 trips after a SparseCore computation (whose end line names its thread: the
+    reader used to run on into the next computations), holding a forward, a recomputed, a
+    nameless dgrad (attributed through a copy to its backward user) and a wgrad kernel; a dot
+    carrying a ragged dot's name outside it is a dense expansion."""
+    from dsv3_jax.aot.audit import audit, step_flops
+    a = audit(GROUPED_HLO)
+    assert a["grouped_gemms"] == dict(forward=5, recomputed=5, backward=10, unattributed=0,
+                                      wgrad=5, dense=1, dense_flops=2 * 256 * 16 * 32)
+    per_row = 2 * 32 * 16  # every kernel here: 2 x K x N = 1024 per row
+    f = a["flops"]
+    assert f["grouped_per_row"] == 4 * 5 * per_row and f["recomputed_per_row"] == 5 * per_row
+    assert f["grouped"] == 4 * 5 * 64 * per_row and f["matmuls"] == 2 * 256 * 16 * 32
+    assert step_flops(a, routed_rows=10) == (f["matmuls"] + 20 * per_row * 10, 5 * per_row * 10)

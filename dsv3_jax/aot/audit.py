@@ -25,6 +25,14 @@ dict (kept in `python -m dsv3_jax.aot --json`):
   (one [K, N] output per group; the others are dgrad); and
   `dense`: plain matmuls carrying a ragged dot's op name, i.e. the compiler expanded a ragged dot
   into a dense [groups, rows, K] product (XLA:GPU does), with their FLOPs.
+- `flops`: the step's FLOPs from the HLO, every instruction times how often it runs: `matmuls`
+  (the dots and convolutions above), `kernels` (other custom-call kernels by the cost estimate
+  the TPU compiler prints with them, e.g. splash attention), `grouped` (the grouped GEMMs at
+  their buffer rows: an upper bound, their kernels visit only the routed rows' tiles) and
+  `grouped_per_row` (their FLOPs per routed row, to count them at the rows really routed:
+  `step_flops`), with the parts rematerialisation recomputes (`recomputed`,
+  `recomputed_per_row`). The compiler's own cost analysis counts each instruction once
+  (a loop body once), so for scanned layers it is no step count.
 - `cost`: the backend's cost analysis (FLOPs, bytes accessed, optimal seconds) where it
   reports one (the TPU compiler and XLA:CPU; XLA:GPU's deviceless compile does not).
 
@@ -118,6 +126,25 @@ def _grouped_gemm(inst: Instruction) -> bool:
                 and out and out[0][0].startswith(("f", "bf")) and len(out[0][1]) >= 2)
 
 
+def _kernel_flops(inst: Instruction) -> float | None:
+    """The FLOPs a custom-call kernel's cost estimate states (the TPU compiler prints one)."""
+    m = re.search(r'"cost_estimate":\{"flops":"(\d+)"', inst.attrs)
+    return float(m.group(1)) if m else None
+
+
+def _grouped_flops_per_row(inst: Instruction, types: dict[str, str]) -> float:
+    """2 x K x N of a grouped GEMM kernel: ragged rows [M, N] out of [M, K] x [G, K, N] (the
+    weight's other dim is K), or a ragged contraction [G, K, N] out of [M, K] x [M, N]."""
+    out = arrays(inst.type)[0][1]
+    ops = [a[0][1] for a in (arrays(types.get(o, "")) for o in inst.operands)
+           if a and a[0][0].startswith(("f", "bf"))]
+    if len(out) == 3:
+        return 2.0 * out[1] * out[2]
+    w = next((o for o in ops if len(o) == 3), None)
+    k = 0 if w is None else (w[1] if w[2] == out[1] else w[2])
+    return 2.0 * out[1] * k
+
+
 def _direction(inst: Instruction, users: dict[str, list[Instruction]]) -> str:
     """"forward", "recomputed" (rematerialised in the backward pass) or "backward", from JAX's
     op name or, where the compiler dropped it, from the nearest users that have one (through
@@ -174,6 +201,8 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
     largest = dict(bytes=0, shape="", op_name="")
     grouped = dict(forward=0, recomputed=0, backward=0, unattributed=0, wgrad=0, dense=0,
                    dense_flops=0.0)
+    flops = dict(matmuls=0.0, kernels=0.0, grouped=0.0, grouped_per_row=0.0, recomputed=0.0,
+                 recomputed_per_row=0.0)
     for name, insts in comps.items():
         m = mult.get(name, 0)
         if not m:
@@ -187,8 +216,21 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
                     for i in insts:
                         for o in i.operands:
                             users.setdefault(o, []).append(i)
-                grouped[_direction(inst, users)] += m
+                direction = _direction(inst, users)
+                grouped[direction] += m
                 grouped["wgrad"] += m if len(arrays(inst.type)[0][1]) == 3 else 0
+                per_row = _grouped_flops_per_row(inst, types)
+                rows = arrays(inst.type)[0][1][0] if len(arrays(inst.type)[0][1]) == 2 else (
+                    next((a[0][1][0] for a in (arrays(types.get(o, "")) for o in inst.operands)
+                          if a and len(a[0][1]) == 2 and a[0][0].startswith(("f", "bf"))), 0))
+                flops["grouped"] += m * per_row * rows
+                flops["grouped_per_row"] += m * per_row
+                flops["recomputed_per_row"] += m * per_row if direction == "recomputed" else 0
+                continue
+            recomputed = "rematted_computation" in op_name(inst)
+            if inst.opcode == "custom-call" and (kf := _kernel_flops(inst)) is not None:
+                flops["kernels"] += m * kf
+                flops["recomputed"] += m * kf if recomputed else 0
             op = inst.opcode
             base = op[:-len("-start")] if op.endswith("-start") else op
             if base in COLLECTIVES and not op.endswith("-done"):
@@ -215,23 +257,25 @@ def audit(hlo_text: str, cost: dict | None = None) -> dict:
                 continue
             mm = _matmul(inst, types)
             if mm:
-                key, flops = mm
+                key, fl = mm
                 row = matmuls.setdefault(key, dict(count=0, flops=0.0, without_flops=0))
                 row["count"] += m
-                if flops is None:
+                if fl is None:
                     row["without_flops"] += m
                 else:
-                    row["flops"] += m * flops
+                    row["flops"] += m * fl
+                    flops["matmuls"] += m * fl
+                    flops["recomputed"] += m * fl if recomputed else 0
                 if _GROUPED_NAME.search(op_name(inst)):  # a ragged dot expanded to a dense one
                     grouped["dense"] += m
-                    grouped["dense_flops"] += m * (flops or 0.0)
+                    grouped["dense_flops"] += m * (fl or 0.0)
     for c in coll.values():
         c["bytes"] = int(c["bytes"])
     top = sorted(by_source.values(), key=lambda r: -r["bytes"])[:TOP]
     for r in top:
         r["bytes"] = int(r["bytes"])
     return dict(collectives=coll, largest_all_gather=largest, matmuls=matmuls,
-                grouped_gemms=grouped, cost=_cost(cost), unbounded_loops=unknown,
+                grouped_gemms=grouped, flops=flops, cost=_cost(cost), unbounded_loops=unknown,
                 top_collectives=top)
 
 
@@ -253,8 +297,24 @@ def matmul_flops(a: dict) -> float | None:
     return sum(r["flops"] for r in rows)
 
 
-def table(a: dict, planner_flops: float | None = None) -> str:
-    """The audit as text: collectives, the largest all-gather, matmuls, FLOPs."""
+def step_flops(a: dict, routed_rows: float | None = None) -> tuple[float, float]:
+    """(FLOPs per device per step, of which remat recomputes) from the HLO (`flops` above), the
+    grouped GEMMs counted at `routed_rows` rows each (rows one device's experts receive per
+    MoE layer; None: at their buffer rows, an upper bound)."""
+    f = a["flops"]
+    if routed_rows is None:
+        grouped = f["grouped"]
+        recomputed = f["recomputed"] + (f["grouped"] * f["recomputed_per_row"]
+                                        / f["grouped_per_row"] if f["grouped_per_row"] else 0.0)
+    else:
+        grouped = f["grouped_per_row"] * routed_rows
+        recomputed = f["recomputed"] + f["recomputed_per_row"] * routed_rows
+    return f["matmuls"] + f["kernels"] + grouped, recomputed
+
+
+def table(a: dict, planner_flops: float | None = None, routed_rows: float | None = None) -> str:
+    """The audit as text: collectives, the largest all-gather, matmuls, grouped GEMMs, FLOPs
+    (the grouped GEMMs at `routed_rows` rows per device and MoE layer when given)."""
     lines = ["collective            per step  async     bytes sent / device (the largest by source below)"]
     for kind, c in a["collectives"].items():
         if c["count"]:
@@ -290,7 +350,17 @@ def table(a: dict, planner_flops: float | None = None) -> str:
     mf = matmul_flops(a)
     flops = [("compiler", cost.get("flops")), ("HLO matmuls", mf), ("planner", planner_flops)]
     lines.append("FLOPs per device per step: " + ", ".join(
-        f"{k} {v:.3e}" for k, v in flops if v is not None))
+        f"{k} {v:.3e}" for k, v in flops if v is not None)
+        + (" (the compiler's count takes each instruction once: a loop body once)"
+           if cost.get("flops") else ""))
+    if a.get("flops") and (a["flops"]["kernels"] or a["flops"]["grouped"]):
+        total, recomputed = step_flops(a, routed_rows)
+        where = (f"the grouped GEMMs at {routed_rows:,.0f} routed rows per MoE layer"
+                 if routed_rows is not None else "the grouped GEMMs at their buffer rows")
+        vs = (f"; without the recomputation {(total - recomputed) / planner_flops:.2f} x the "
+              "planner's" if planner_flops else "")
+        lines.append(f"  with trip counts, kernels' own estimates and {where}: {total:.3e}, "
+                     f"of which remat recomputes {recomputed:.3e}{vs}")
     if cost.get("bytes_accessed"):
         lines.append(f"bytes accessed per device: {cost['bytes_accessed'] / 1e9:.2f} GB; "
                      f"compiler's optimal time {cost.get('optimal_seconds', 0):.4f} s")

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
             f.write(result.hlo_text)
     estimate = plan.estimate(setup) if result.kind != "prefill" else None
     out = dict(dataclasses.asdict(result), total=result.total,
-               planner=estimate.as_dict() if estimate else None, setup=setup.describe())
+               planner=estimate.as_dict() if estimate else None, setup=setup.describe(),
+               routed_rows=routed_rows(setup, result.kind))
     if args.json == "-":
         print(json.dumps(out))
         return 0
@@ -111,8 +112,21 @@ def main(argv=None) -> int:
         verdict = "FITS" if plan.fits(result.total, device) else "DOES NOT FIT"
         print(f"{device.name} ({device.memory / 1e9:.1f} GB, {1 - plan.HEADROOM:.0%} usable), "
               f"compiler's figure: {verdict}")
-    print(audit.table(result.audit, estimate.flops_per_step / setup.devices if estimate else None))
+    print(audit.table(result.audit, estimate.flops_per_step / setup.devices if estimate else None,
+                      routed_rows(setup, result.kind)))
     return 0
+
+
+def routed_rows(setup, kind: str) -> float | None:
+    """(token, expert) rows one device's experts receive per MoE layer call on average (train:
+    one micro-batch's tokens, split over the devices of a pipeline stage; decode: one token per
+    slot); None for prefill or a model without routed experts."""
+    cfg = setup.config
+    if not cfg.n_routed_experts or kind not in ("train", "decode"):
+        return None
+    tokens = (setup.batch * setup.seq / (setup.accumulate * setup.microbatches)
+              if kind == "train" else setup.batch)
+    return tokens * cfg.num_experts_per_tok * setup.stages / setup.devices
 
 
 if __name__ == "__main__":
