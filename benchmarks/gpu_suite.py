@@ -9,12 +9,15 @@ Sections (rows of one table; speed-up is against the case's baseline row):
            `jnp.dot` with bf16 operands and fp32 accumulation (baseline) vs
            `dsv3_jax.fp8.fp8_matmul` on a stored `QuantizedWeight` (inference) and on a bf16
            weight it quantizes every call (training); activation quantization is timed in both.
-  grouped  routed-expert grouped matmul 7168 -> 2048, forward and forward + backward (dx, dW):
-           `jax.lax.ragged_dot` (baseline) vs ours (dsv3_jax/layers/grouped_matmul.py) vs
-           `tokamax.ragged_dot` when tokamax imports. Two cases: one device's slice of V3 with
-           expert=8 (32 experts, 8192 rows) and a whole layer (256 experts, 8192 tokens x top-8).
-           TFLOP/s count useful FLOPs (2 x rows x K x N per product); a baseline whose compiled
-           temporaries do not fit in free memory (XLA's dense emulation) is not run.
+  grouped  routed-expert grouped matmul 7168 -> 2048, forward and forward + backward (dx, dW),
+           on the tiled expert-grouped buffer the experts use: ours (dsv3_jax/layers/
+           grouped_matmul.py, baseline) vs the kernel dsv3_jax/layers/platform_gmm.py chooses
+           for this backend (tokamax's Mosaic GPU kernels on a GPU where tokamax is installed)
+           vs the other kernels it offers (`jax.lax.ragged_dot`, tokamax). Two cases: one
+           device's slice of V3 with expert=8 (32 experts, 8192 rows) and a whole layer (256
+           experts, 8192 tokens x top-8). TFLOP/s count useful FLOPs (2 x rows x K x N per
+           product); a kernel whose compiled temporaries do not fit in free memory (XLA:GPU's
+           dense expansion of ragged_dot) is not run.
   train    one optimizer step (train_step, as train.py runs it) of configs/moe-1b.json, bf16
            compute and fp32 master weights: tokens/s and MFU (dsv3_jax/train/flops.py).
   decode   the serving engine's jitted decode step (dsv3_jax/serve/steps.py) over the latent
@@ -174,65 +177,61 @@ def section_gemm(s: Suite) -> None:
 def _grouped_inputs(experts: int, rows: int, k: int, n: int):
     from dsv3_jax.layers import grouped_matmul as gm
 
-    ids = jnp.sort(jnp.asarray(np.random.default_rng(0).integers(0, experts, rows), jnp.int32))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, experts, rows), jnp.int32)
     layout = jax.jit(gm.make_layout, static_argnums=1)(ids, experts)
     keys = jax.random.split(jax.random.key(2), 3)
-    xs = jax.random.normal(keys[0], (rows, k), BF16)  # rows sorted by expert (ragged_dot's input)
+    xs = jax.random.normal(keys[0], (rows, k), BF16)
     w = jax.random.normal(keys[1], (experts, k, n), BF16) * 0.02
-    return layout, xs, gm.scatter_rows(xs, layout), w, jax.random.normal(keys[2], (rows, n), BF16)
+    dy = jax.random.normal(keys[2], (rows, n), BF16)
+    return layout, gm.scatter_rows(xs, layout), w, gm.scatter_rows(dy, layout)
 
 
 def section_grouped(s: Suite) -> None:
-    from dsv3_jax.layers import grouped_matmul as gm
+    """Ours (baseline) against the kernel platform_gmm chooses for this backend and the other
+    kernels it offers, all on the same tiled expert-grouped buffer."""
+    from dsv3_jax.layers import platform_gmm
+    from sharding.mesh import platform as mesh_platform
 
-    try:
-        import tokamax
-    except Exception as e:  # noqa: BLE001 - optional
-        tokamax = None
-        log(f"  tokamax not available ({type(e).__name__}: {e}); its rows are skipped")
+    platform = mesh_platform(None)
+    choice = platform_gmm.choose(platform, fp8=False)
+    others = [i for i in platform_gmm.IMPLEMENTATIONS if i not in ("ours", choice)
+              and (i != "tokamax" or platform_gmm.have_tokamax())]
+    if not platform_gmm.have_tokamax():
+        log("  tokamax not installed (pip install -e \".[tokamax]\"); its rows are skipped")
+    # (row label, implementation); the choice is timed even where it is ours (CPU)
+    impls = [("ours grouped_matmul", "ours"), (f"platform_gmm choice on {platform}: {choice}",
+                                               choice)] + [(i, i) for i in others]
 
-    def ours(x, w, layout):
-        return gm.grouped_matmul(x, w, layout, BF16)
-
-    def ragged(x, w, sizes):
-        return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32).astype(BF16)
-
-    def toka(x, w, sizes):
-        return tokamax.ragged_dot(x, w, sizes).astype(BF16)
-
-    def fwd_bwd(f):
-        return lambda x, w, aux, dy: jax.vjp(lambda x, w: f(x, w, aux), x, w)[1](dy)
+    def fn(impl, mode):
+        def f(x, w, layout):
+            return platform_gmm.grouped_matmul(x, w, layout, BF16, impl=impl)
+        if mode == "fwd":
+            return f
+        return lambda x, w, layout, dy: jax.vjp(lambda x, w: f(x, w, layout), x, w)[1](dy)
 
     for experts, rows, k, n in s.shapes["grouped"]:
-        layout, xs, buf, w, dy = _grouped_inputs(experts, rows, k, n)
-        dy_buf = gm.scatter_rows(dy, layout)
-        sizes = layout.group_sizes
-        # (name, function, rows input, its third argument, cotangent, optional)
-        impls = [("jax.lax.ragged_dot", ragged, xs, sizes, dy, False),
-                 ("ours grouped_matmul", ours, buf, layout, dy_buf, False)]
-        if tokamax is not None:
-            impls.append(("tokamax.ragged_dot", toka, xs, sizes, dy, True))
+        layout, x, w, dy = _grouped_inputs(experts, rows, k, n)
         for mode, mult in (("fwd", 1), ("fwd+bwd", 3)):
             case = f"{mode} {experts} experts, {rows} rows, {k}->{n}"
             if s.out_of_time("grouped", case):
                 return
             flops = mult * 2 * rows * k * n
             base = None
-            for impl, f, x, aux, g, optional in impls:
-                with s.guard("grouped", case, impl, optional=optional):
-                    fn, args = (f, (x, w, aux)) if mode == "fwd" else (fwd_bwd(f), (x, w, aux, g))
-                    c, temp = compiled(fn, *args)
+            for label, impl in impls:
+                with s.guard("grouped", case, label, optional=impl not in ("ours", choice)):
+                    args = (x, w, layout) if mode == "fwd" else (x, w, layout, dy)
+                    c, temp = compiled(fn(impl, mode), *args)
                     free = free_bytes()
                     if temp is not None and free is not None and temp > 0.8 * free:
-                        s.add("grouped", case, impl, note=f"not run: temporaries {gb(temp)} > "
+                        s.add("grouped", case, label, note=f"not run: temporaries {gb(temp)} > "
                               f"free {gb(free)}")
                         continue
                     t = s.time(c, *args)
-                    base = base or (t if impl == "jax.lax.ragged_dot" else None)
-                    s.add("grouped", case, impl, t, tflops(flops, t),
-                          f"{base / t:.2f}x" if base else "-", f"temp {gb(temp)}"
-                          + (f", tile {layout.tile}" if f is ours else ""))
-        del layout, xs, buf, w, dy, dy_buf
+                    base = base or (t if impl == "ours" else None)
+                    s.add("grouped", case, label, t, tflops(flops, t),
+                          f"{base / t:.2f}x" if base else "-",
+                          f"temp {gb(temp)}, tile {layout.tile}")
+        del layout, x, w, dy
         gc.collect()
 
 
