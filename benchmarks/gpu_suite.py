@@ -193,7 +193,8 @@ def section_grouped(s: Suite) -> None:
     from sharding.mesh import platform as mesh_platform
 
     platform = mesh_platform(None)
-    choice = platform_gmm.choose(platform, fp8=False)
+    choice = platform_gmm.choose(platform, fp8=False, dtype=BF16,
+                                 device_kind=jax.devices()[0].device_kind)
     others = [i for i in platform_gmm.IMPLEMENTATIONS if i not in ("ours", choice)
               and (i != "tokamax" or platform_gmm.have_tokamax())]
     if not platform_gmm.have_tokamax():

@@ -103,10 +103,16 @@ def test_choice_per_platform(monkeypatch):
     assert platform_gmm.choose("tpu", fp8=False) == "ragged_dot"
     for platform in ("cpu", "tpu", "gpu"):
         assert platform_gmm.choose(platform, fp8=True) == "ours"
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200 141GB HBM3e"
     monkeypatch.setattr(platform_gmm, "have_tokamax", lambda: True)
-    assert platform_gmm.choose("gpu", fp8=False) == "tokamax"
+    for kind in (h100, h200, "NVIDIA GH200 480GB"):
+        assert platform_gmm.choose("gpu", fp8=False, device_kind=kind) == "tokamax"
+    # tokamax's kernels cover training on Hopper in bf16/f16 only; never XLA:GPU's dense ragged dot
+    assert platform_gmm.choose("gpu", fp8=False, dtype=jnp.float32, device_kind=h100) == "ours"
+    for kind in ("NVIDIA B200", "NVIDIA A100-SXM4-80GB", ""):
+        assert platform_gmm.choose("gpu", fp8=False, device_kind=kind) == "ours"
     monkeypatch.setattr(platform_gmm, "have_tokamax", lambda: False)
-    assert platform_gmm.choose("gpu", fp8=False) == "ours"  # never XLA:GPU's dense ragged dot
+    assert platform_gmm.choose("gpu", fp8=False, device_kind=h100) == "ours"
     assert platform_gmm.current(fp8=False) == "ours"  # this process: CPU
     with platform_gmm.implementation("ragged_dot"):
         assert platform_gmm.current(fp8=False) == "ragged_dot"

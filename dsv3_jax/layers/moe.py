@@ -143,7 +143,7 @@ def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout
     w_gate, w_up, w_down = weights
     dtype = precision.dtype
     fp8 = precision.fp8 or isinstance(w_gate, QuantizedWeight)
-    impl = platform_gmm.current(fp8=fp8)
+    impl = platform_gmm.current(fp8=fp8, dtype=dtype)
 
     def matmul(x, w, out=None):
         return platform_gmm.grouped_matmul(x, w, layout, dtype, out, impl, fp8=fp8)

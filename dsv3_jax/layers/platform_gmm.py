@@ -14,8 +14,11 @@ compile for TPU or GPU on a CPU host chooses the target's kernel):
   Mosaic TPU kernel compile natively too, but their `pallas_call` outputs carry no varying
   type, so they fail inside the expert-parallel `shard_map` (check_vma=True), and they add
   group-metadata ops around each call: not offered.
-- GPU: "tokamax", `tokamax.ragged_dot_general` on its Pallas Mosaic GPU kernels (sm90 wgmma,
-  sm100), when the optional extra is installed (`pip install -e ".[tokamax]"`); else "ours".
+- GPU: "tokamax", `tokamax.ragged_dot_general` on its Pallas Mosaic GPU kernels, on Hopper
+  (H100, H200) with bf16/f16 operands, when the optional extra is installed (`pip install -e
+  ".[tokamax]"`); else "ours". tokamax 0.0.17's other kernels do not cover training here: its
+  sm100 (B200) kernel has no ragged-contraction (wgrad) form and fails inside shard_map's
+  check_vma, its sm80 kernel takes the forward form only, and fp32 operands are refused.
   XLA:GPU lowers `jax.lax.ragged_dot` by expanding it to a dense dot over [groups, rows, K]
   (groups x the useful FLOPs); its cuDNN ragged-dot fusion needs bf16 outputs, a GPU present
   at compile time and a newer cuDNN for wgrad (SCALE.md, "Native grouped GEMMs on TPU and H100").
@@ -42,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -89,13 +93,17 @@ def have_tokamax() -> bool:
     return True
 
 
-def choose(platform: str, *, fp8: bool) -> str:
-    """The grouped-matmul kernel for `platform` ("cpu", "gpu", "tpu"): see the module docstring."""
+def choose(platform: str, *, fp8: bool, dtype=jnp.bfloat16, device_kind: str = "") -> str:
+    """The grouped-matmul kernel for `platform` ("cpu", "gpu", "tpu"), FP8 or not, operands in
+    `dtype`, on a device of `device_kind` (a GPU's: tokamax's kernels are Hopper's); see the
+    module docstring."""
     if fp8 or platform not in ("tpu", "gpu"):
         return "ours"
     if platform == "tpu":
         return "ragged_dot"
-    return "tokamax" if have_tokamax() else "ours"
+    hopper = re.search(r"\bG?H(100|200|800|20)\b", device_kind) is not None
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "tokamax" if hopper and half and have_tokamax() else "ours"
 
 
 def _platform() -> str:
@@ -103,11 +111,19 @@ def _platform() -> str:
     return mesh_platform(jax.sharding.get_abstract_mesh())
 
 
-def current(*, fp8: bool) -> str:
-    """The kernel a grouped matmul traced now uses: the forced one, else the platform's choice."""
+def _device_kind() -> str:
+    """The compile target's device kind: the context mesh's, else JAX's first device's."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "device_kind", None) or jax.devices()[0].device_kind
+
+
+def current(*, fp8: bool, dtype=jnp.bfloat16) -> str:
+    """The kernel a grouped matmul with operands in `dtype` traced now uses: the forced one,
+    else the compile target's choice."""
     if fp8:
         return "ours"
-    return _FORCED.get() or choose(_platform(), fp8=False)
+    return _FORCED.get() or choose(_platform(), fp8=False, dtype=dtype,
+                                   device_kind=_device_kind())
 
 
 def padded_group_sizes(layout: gm.GroupedLayout) -> Int[Array, "groups"]:
@@ -123,7 +139,7 @@ def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"],
     `QuantizedWeight` experts) runs on ours."""
     out_dtype = out_dtype or dtype
     fp8 = fp8 or isinstance(w, QuantizedWeight)
-    impl = "ours" if fp8 else (impl or current(fp8=False))
+    impl = "ours" if fp8 else (impl or current(fp8=False, dtype=dtype))
     if impl == "ours":
         return gm.grouped_matmul(x, w, layout, dtype, fp8, out_dtype)
     if impl not in IMPLEMENTATIONS:
