@@ -32,6 +32,12 @@ def parse(argv=None) -> argparse.Namespace:
                    help="prompt + generation length per request (default: the model's context, "
                         "at most 4096)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before HTTP 429")
+    p.add_argument("--max-concurrency", type=int, default=512,
+                   help="HTTP requests answered at once before HTTP 503")
+    p.add_argument("--generation-timeout", type=float, default=600.0,
+                   help="seconds one HTTP request may generate before it is cancelled (504)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM, how long running requests may finish before they are cancelled")
     p.add_argument("--mesh", default="", help='device mesh, e.g. "expert=4,tensor=2"')
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default=None,
@@ -54,7 +60,8 @@ def main(argv=None) -> None:
 
     from dsv3_jax.serve.chat import TextStream, stream_text
     from dsv3_jax.serve.engine import Engine, RequestError, SamplingParams
-    from dsv3_jax.serve.http import OpenAIAPI, serve_http
+    from dsv3_jax.serve.api import OpenAIAPI
+    from dsv3_jax.serve.http import Limits, serve_http
     from dsv3_jax.serve.loading import load_for_serving
 
     t0 = time.perf_counter()
@@ -84,7 +91,10 @@ def main(argv=None) -> None:
         engine.start()
         try:
             serve_http(OpenAIAPI(engine, tokenizer=tokenizer, chat_template=template, model_name=name,
-                                 defaults=defaults), args.host, args.port, log=log)
+                                 defaults=defaults), args.host, args.port, log=log,
+                       limits=Limits(max_concurrency=args.max_concurrency,
+                                     generation_timeout=args.generation_timeout,
+                                     drain_seconds=args.drain_seconds))
         finally:
             engine.shutdown()
         return

@@ -206,6 +206,21 @@ def test_text_prompt_stop_strings_and_chat(server, ckpt):
     assert events[-2]["usage"] == out["usage"]
     assert joined(events, chat=True) == (choice["message"]["content"], choice["token_ids"],
                                          choice["finish_reason"])
+    # chat logprobs: the `logprobs.content` form, one entry per generated token
+    status, out = post(server.port, "/v1/chat/completions", {"messages": messages, "max_tokens": 4,
+                                                             "logprobs": True, "top_logprobs": 2})
+    content = out["choices"][0]["logprobs"]["content"]
+    assert status == 200 and len(content) == len(out["choices"][0]["token_ids"])
+    for entry, t in zip(content, out["choices"][0]["token_ids"]):
+        assert entry["token"] == ckpt.tokenizer.decode([t]) and entry["logprob"] <= 0
+        assert len(entry["top_logprobs"]) == 2 and entry["bytes"] == list(entry["token"].encode())
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"], abs=1e-5)  # greedy
+    # /tokenize and /detokenize
+    status, out = post(server.port, "/tokenize", {"prompt": "def main("})
+    assert status == 200 and out["tokens"] == ckpt.tokenizer.encode("def main(").ids
+    assert post(server.port, "/detokenize", {"tokens": out["tokens"]})[1]["prompt"] == "def main("
+    status, out = post(server.port, "/tokenize", {"messages": messages})
+    assert out["tokens"] == prompt
     status, models = get(server.port, "/v1/models")
     assert status == 200 and models["data"][0]["id"] == "tiny"
 
@@ -214,19 +229,31 @@ BAD = [  # (method, path, body or raw bytes, status, words in the message)
     ("POST", "/v1/completions", b"{not json", 400, "not valid JSON"),
     ("POST", "/v1/completions", b"[1, 2]", 400, "JSON object"),
     ("POST", "/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
-    ("POST", "/v1/completions", {"prompt": [1, 2, 512]}, 400, "token id 512 is outside"),
-    ("POST", "/v1/completions", {"prompt": [-1]}, 400, "token id -1 is outside"),
+    ("POST", "/v1/completions", {"prompt": [1, 2, 512]}, 400, "token id 512 in 'prompt' is outside"),
+    ("POST", "/v1/completions", {"prompt": [-1]}, 400, "token id -1 in 'prompt' is outside"),
     ("POST", "/v1/completions", {"prompt": [5] * CONTEXT}, 400, "no room is left"),
     ("POST", "/v1/completions", {"prompt": [5] * 100, "max_tokens": 40}, 400, "exceeds the context"),
     ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "'temperature' must be a number"),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "must be an integer"),
     ("POST", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
-    ("POST", "/v1/completions", {"prompt": "x", "n": 2}, 400, "only n=1"),
+    ("POST", "/v1/completions", {"prompt": "x", "n": 0}, 400, "'n' must be >= 1"),
+    ("POST", "/v1/completions", {"prompt": "x", "n": 17}, 400, "'n' must be <= 16"),
     ("POST", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' must be true or false"),
     ("POST", "/v1/completions", {"prompt": "x", "stop": [""]}, 400, "'stop' must be"),
-    ("POST", "/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "not supported"),
-    ("POST", "/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "unrecognized request argument"),
+    ("POST", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "'logprobs' must be <= 20"),
+    ("POST", "/v1/completions", {"prompt": [1], "top_k": 2147483648}, 400, "'top_k' must be <= 512"),
+    ("POST", "/v1/completions", {"prompt": [1], "seed": 2**64}, 400, "'seed' must be <="),
+    ("POST", "/v1/completions", {"prompt": [1], "seed": -1}, 400, "'seed' must be >= 0"),
+    ("POST", "/v1/completions", {"prompt": [1], "logit_bias": {"512": 1}}, 400, "outside the vocabulary"),
+    ("POST", "/v1/completions", {"prompt": [1], "logit_bias": {"5": 1e9}}, 400, "[-100, 100]"),
+    ("POST", "/v1/completions", {"prompt": [1], "presence_penalty": 3}, 400, "'presence_penalty' must be in"),
+    ("POST", "/v1/completions", {"prompt": [1], "repetition_penalty": 0}, 400, "'repetition_penalty' must be in"),
+    ("POST", "/v1/completions", {"prompt": [1], "min_tokens": 99, "max_tokens": 4}, 400, "'min_tokens' must be <="),
+    ("POST", "/v1/completions", {"prompt": [1], "stop_token_ids": [600]}, 400, "outside the vocabulary"),
+    ("POST", "/v1/completions", {"prompt": [[1], [2, 700]]}, 400, "token id 700"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     400, "needs 'logprobs': true"),
     ("POST", "/v1/completions", {"messages": []}, 400, "unrecognized request argument(s): messages"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("POST", "/v1/chat/completions", {"messages": "hi"}, 400, "'messages' must be"),
@@ -234,6 +261,8 @@ BAD = [  # (method, path, body or raw bytes, status, words in the message)
     ("POST", "/health", {}, 405, "POST is not allowed"),
     ("DELETE", "/v1/models", None, 405, "DELETE is not allowed"),
     ("GET", "/v2/engines", None, 404, "no route"),
+    ("POST", "/tokenize", {"prompt": 5}, 400, "'prompt' must be a string"),
+    ("POST", "/detokenize", {"tokens": [1, 9999]}, 400, "outside the vocabulary"),
 ]
 
 
@@ -304,11 +333,11 @@ def test_tokenizerless_checkpoint_and_the_cli(server, ckpt):
 
 def test_queue_full_and_engine_failures_in_process(ckpt, monkeypatch):
     """429 on a full queue, 500 when the engine fails (at submit or mid-request), then still up."""
+    from dsv3_jax.serve.api import OpenAIAPI
     from dsv3_jax.serve.engine import Engine, SamplingParams
-    from dsv3_jax.serve.http import OpenAIAPI, Server
+    from dsv3_jax.serve.http import Server
     engine = Engine(ckpt.model, max_seq_len=CONTEXT, max_batch=1, max_queue=1)
-    server = Server(OpenAIAPI(engine, model_name="in-process"), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = Server(OpenAIAPI(engine, model_name="in-process"), "127.0.0.1", 0).start()
     port = server.server_port
     try:
         engine.submit([5, 6], SamplingParams(max_new_tokens=2))  # fills the queue: not started
@@ -327,6 +356,10 @@ def test_queue_full_and_engine_failures_in_process(ckpt, monkeypatch):
         assert status == 500 and "device on fire" in out["error"]["message"], out
         events = stream(port, "/v1/completions", {"prompt": [5, 6, 7]})
         assert "device on fire" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+        # three scheduler steps failed in a row: unhealthy until one succeeds
+        assert get(port, "/health")[0] == 503
+        monkeypatch.undo()
+        assert post(port, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 2})[0] == 200
         assert get(port, "/health")[0] == 200
         assert post(port, "/v1/completions", {"prompt": "text"})[0] == 400  # no tokenizer here
     finally:
@@ -427,9 +460,14 @@ def test_request_parameters_parse_without_an_engine():
     assert job.prompt == [5, 6, 7] and job.params.max_new_tokens == 4
     assert job.params.top_k is None and job.params.stop_token_ids == (EOS, 9) and job.params.seed == 3
     assert p.parse({"prompt": [5]}, chat=False).params.max_new_tokens == 31  # the room left
+    # fields this server does not use are accepted and ignored, as vLLM does
+    assert p.parse({"prompt": [5], "bogus": 1, "user": "u", "best_of": 1}, chat=False).prompt == [5]
+    job = p.parse({"prompt": [[5], [6, 7]], "n": 2, "seed": 10}, chat=False)
+    assert [(i, pr, sp.seed) for i, pr, sp in job.choices()] == [
+        (0, [5], 10), (1, [5], 11), (2, [6, 7], 10), (3, [6, 7], 11)]
     for body, param in [({"prompt": "text"}, "prompt"), ({"prompt": [1], "max_tokens": 40}, "max_tokens"),
-                        ({"prompt": [1], "top_p": 0}, "top_p"), ({"prompt": [1], "logprobs": 3}, "logprobs"),
-                        ({"prompt": [1], "bogus": 1}, "bogus"), ({"messages": []}, "messages")]:
+                        ({"prompt": [1], "top_p": 0}, "top_p"), ({"prompt": [1], "logprobs": 21}, "logprobs"),
+                        ({"prompt": [1], "n": 99}, "n"), ({"messages": []}, "messages")]:
         with pytest.raises(APIError) as e:
             p.parse(body, chat="messages" in body)
         assert e.value.status == 400 and e.value.param == param, (body, e.value.body())

@@ -33,6 +33,7 @@ from flax import nnx
 
 from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import steps
+from dsv3_jax.serve.penalties import History
 from dsv3_jax.serve.request import QueueFull, Request, RequestError, SamplingParams, validate
 from dsv3_jax.serve.sampling import SamplingArrays
 from sharding.rules import batch_axes
@@ -41,6 +42,16 @@ __all__ = ["Engine", "QueueFull", "Request", "RequestError", "SamplingParams"]
 
 MIN_PREFILL = 16  # shortest prompt bucket
 MIN_WINDOW = 128  # shortest cache prefix a decode step attends over
+HEALTH_FAILURES = 3  # scheduler steps failing in a row before /health says unhealthy
+
+
+def _records(arrays, row: int, n: int, k: int | None) -> list | None:
+    """The first `n` (logprob, top ids, top logprobs) records of `row` from host arrays
+    ([rows, steps], [rows, steps, K], [rows, steps, K]), top lists cut to `k`."""
+    if k is None:
+        return None
+    chosen, ids, lps = arrays
+    return [(float(chosen[row, j]), ids[row, j, :k].tolist(), lps[row, j, :k].tolist()) for j in range(n)]
 
 
 def _pow2_at_least(n: int) -> int:
@@ -58,6 +69,7 @@ class _InFlight:
     pos: jax.Array
     active: jax.Array
     advance: int                # the most positions a slot moves in this step
+    logprobs: tuple | None = None  # steps.token_logprobs of the step, when a slot asked for them
 
 
 class Engine:
@@ -99,6 +111,10 @@ class Engine:
         self._last, self._pos = np.zeros(B, np.int32), np.zeros(B, np.int32)
         self._temperature, self._top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
         self._top_k, self._seed = np.zeros(B, np.int32), np.zeros(B, np.uint32)
+        V = cfg.vocab_size
+        self._presence, self._frequency = np.zeros(B, np.float32), np.zeros(B, np.float32)
+        self._repetition, self._min_tokens = np.ones(B, np.float32), np.zeros(B, np.int32)
+        self._bias, self._stop_mask = np.zeros((B, V), np.float32), np.zeros((B, V), bool)
         self._sp_all = None  # the per-slot sampling arrays of a decode step, rebuilt on admission
         self._inflight: _InFlight | None = None
         self._queue: collections.deque[Request] = collections.deque()
@@ -107,6 +123,7 @@ class Engine:
         self._step_lock = threading.Lock()       # one scheduler iteration at a time
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failures = 0  # scheduler steps failed in a row
         self._ids = itertools.count()
         # all keys up front: stats() may copy it from another thread while the scheduler counts
         self._stats = collections.Counter(dict.fromkeys(
@@ -159,6 +176,13 @@ class Engine:
                     self._slots[i] = None
 
     @property
+    def healthy(self) -> bool:
+        """Whether the engine can step: its thread (if started) is alive and the last steps did
+        not all fail (a step that fails HEALTH_FAILURES times in a row marks it unhealthy)."""
+        thread_ok = self._thread is None or self._thread.is_alive() or self._stopping
+        return thread_ok and self._failures < HEALTH_FAILURES
+
+    @property
     def running(self) -> bool:
         """Whether the background scheduler thread is running."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -167,10 +191,14 @@ class Engine:
         """One scheduler iteration: free, admit + prefill, one decode step. False when idle."""
         with self._step_lock:
             try:
-                return self._step()
+                busy = self._step()
             except Exception as e:  # fail the affected requests, keep the engine usable
+                self._failures += 1
                 self._fail_active(f"{type(e).__name__}: {e}")
                 raise
+            if busy:  # an idle step proves nothing
+                self._failures = 0
+            return busy
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -262,6 +290,13 @@ class Engine:
             self._top_k[slot] = p.top_k or 0
             self._top_p[slot] = 1.0 if p.top_p is None else p.top_p
             self._seed[slot] = p.seed % (1 << 32)
+            self._presence[slot], self._frequency[slot] = p.presence_penalty, p.frequency_penalty
+            self._repetition[slot], self._min_tokens[slot] = p.repetition_penalty, p.min_tokens
+            self._bias[slot] = 0
+            for t, b in p.logit_bias:
+                self._bias[slot, t] += b
+            self._stop_mask[slot] = False
+            self._stop_mask[slot, list(p.stop_token_ids)] = True
         if out:
             self._sp_all = None
         return out
@@ -272,7 +307,9 @@ class Engine:
                 self._sp_all = jax.tree.map(self._put, self._sampling(np.arange(self.max_batch)))
             return self._sp_all
         return SamplingArrays(self._temperature[rows], self._top_k[rows], self._top_p[rows],
-                              self._seed[rows])
+                              self._seed[rows], self._presence[rows], self._frequency[rows],
+                              self._repetition[rows], self._min_tokens[rows], self._bias[rows],
+                              self._stop_mask[rows])
 
     def _call(self, fn, *args, **kw):
         if self.mesh is None:
@@ -294,35 +331,85 @@ class Engine:
             window = _pow2_at_least(done + s) if done else 0  # the view must reach start + s
             groups[(s, window)].append((slot, done, n))
         for (s, window), group in sorted(groups.items()):
-            rows_n = min(self.shards * _pow2_at_least(-(-len(group) // self.shards)), self.max_batch)
-            ids, next_ids = np.zeros((rows_n, s), np.int32), np.zeros((rows_n, s), np.int32)
-            start, lengths = np.zeros(rows_n, np.int32), np.ones(rows_n, np.int32)
-            final = np.zeros(rows_n, bool)
-            rows = np.full(rows_n, self.max_batch, np.int32)  # padding rows write nowhere
-            for i, (slot, done, n) in enumerate(group):
-                prompt = self._slots[slot].prompt
-                ids[i, :n] = prompt[done:done + n]
-                after = prompt[done + 1:done + n + 1]
-                next_ids[i, :len(after)] = after
-                start[i], lengths[i], rows[i] = done, n, slot
-                final[i] = done + n == len(prompt)
-            sp = self._sampling(np.where(rows < self.max_batch, rows, 0))
-            first, _, self._cache, self._drafts = self._call(
-                self._prefill_fn, self._weights, self._cache, self._drafts, ids, next_ids, start,
-                lengths, final, rows, sp, window=window)
-            first = np.asarray(first)
-            self._stats["prefills"] += 1
-            for i, (slot, done, n) in enumerate(group):
-                if not final[i]:
-                    self._prefilling[slot] = done + n
-                    continue
-                del self._prefilling[slot]
-                self._last[slot], self._pos[slot] = first[i], done + n
-                self._commit(slot, [int(first[i])])
+            self._prefill_isolated(s, window, group)
+
+    def _prefill_isolated(self, s: int, window: int, group: list) -> None:
+        """Prefill one group; when it fails, each of its prompts alone, so a failure finishes
+        only the request that causes it (the others and the cache carry on). Only when a failed
+        call consumed the donated cache are all active requests failed and the cache rebuilt."""
+        try:
+            self._prefill_group(s, window, group)
+            return
+        except Exception as e:  # noqa: BLE001
+            error = e
+        if self._device_state_lost():
+            raise error
+        if len(group) == 1:
+            slot = group[0][0]
+            self._slots[slot]._finish("error", f"{type(error).__name__}: {error}")
+            self._slots[slot] = None
+            self._prefilling.pop(slot, None)
+            return
+        for member in group:
+            self._prefill_isolated(s, window, [member])
+
+    def _device_state_lost(self) -> bool:
+        leaves = jax.tree.leaves((self._cache, self._drafts, self._history))
+        return any(a.is_deleted() for a in leaves)
+
+    def _prefill_group(self, s: int, window: int, group: list) -> None:
+        """One prefill call: chunk length bucket `s`, cache view `window`, (slot, done, n) rows."""
+        rows_n = min(self.shards * _pow2_at_least(-(-len(group) // self.shards)), self.max_batch)
+        ids, next_ids = np.zeros((rows_n, s), np.int32), np.zeros((rows_n, s), np.int32)
+        start, lengths = np.zeros(rows_n, np.int32), np.ones(rows_n, np.int32)
+        final = np.zeros(rows_n, bool)
+        rows = np.full(rows_n, self.max_batch, np.int32)  # padding rows write nowhere
+        for i, (slot, done, n) in enumerate(group):
+            prompt = self._slots[slot].prompt
+            ids[i, :n] = prompt[done:done + n]
+            after = prompt[done + 1:done + n + 1]
+            next_ids[i, :len(after)] = after
+            start[i], lengths[i], rows[i] = done, n, slot
+            final[i] = done + n == len(prompt)
+        reqs = [self._slots[slot] for slot, _, _ in group]
+        echo = any(r.params.prompt_logprobs is not None for r in reqs)
+        sp = self._sampling(np.where(rows < self.max_batch, rows, 0))
+        first, logits, self._cache, self._drafts, self._history, prompt_lps = self._call(
+            self._prefill_fn, self._weights, self._cache, self._drafts, ids, next_ids, start,
+            lengths, final, rows, sp, window=window, history=self._history, echo=echo)
+        lps = None
+        if any(r.params.logprobs is not None for r in reqs):
+            lps = [np.asarray(a).reshape(rows_n, 1, *a.shape[1:])
+                   for a in self._call(steps.token_logprobs, logits, first, sp)]
+        if echo:
+            prompt_lps = [np.asarray(a) for a in prompt_lps]
+        first = np.asarray(first)
+        self._stats["prefills"] += 1
+        for i, (slot, done, n) in enumerate(group):
+            req = self._slots[slot]
+            k = req.params.prompt_logprobs
+            if k is not None:
+                if req.prompt_logprobs is None:
+                    req.prompt_logprobs = [None]
+                chosen, top_ids, top_lps = prompt_lps
+                m = min(n, len(req.prompt) - 1 - done)  # positions whose next token is in the prompt
+                req.prompt_logprobs += [(float(chosen[i, j]), top_ids[i, j, :k].tolist(),
+                                         top_lps[i, j, :k].tolist()) for j in range(m)]
+            if not final[i]:
+                self._prefilling[slot] = done + n
+                continue
+            del self._prefilling[slot]
+            if req.params.max_new_tokens == 0:  # prompt logprobs only (echo)
+                req._finish("length")
+                self._slots[slot] = None
+                self._stats["requests_finished"] += 1
+                continue
+            self._last[slot], self._pos[slot] = first[i], done + n
+            self._commit(slot, [int(first[i])], None if lps is None else _records(lps, i, 1, req.params.logprobs))
 
     def _put(self, host: np.ndarray) -> jax.Array:
         """A per-slot array on the device, laid out like the slots."""
-        return kv.put(host, ("batch",), self.mesh)
+        return kv.put(host, ("batch",) + (None,) * (np.ndim(host) - 1), self.mesh)
 
     def _decode(self) -> None:
         """Dispatch one decode step over all slots, then read the previous one (see the module
@@ -350,17 +437,21 @@ class Engine:
         furthest = int(self._pos[act].max()) + lag
         window = min(self.max_seq_len, max(MIN_WINDOW, _pow2_at_least(furthest + 1)))
         if self.speculative:
-            tokens, accepted, self._cache, self._drafts, last, pos = self._call(
+            tokens, accepted, self._cache, self._drafts, last, pos, logits, self._history = self._call(
                 self._spec_fn, self._weights, self._cache, self._drafts, last, pos, active, sp,
-                window=window)
+                window=window, history=self._history)
             advance = 2
         else:
-            tokens, _, self._cache, pos = self._call(self._decode_fn, self._weights, self._cache,
-                                                     last, pos, active, sp, window=window)
+            tokens, logits, self._cache, pos, self._history = self._call(
+                self._decode_fn, self._weights, self._cache, last, pos, active, sp, window=window,
+                history=self._history)
             last, accepted, advance = tokens, None, 1  # tokens [slots]: no device op to reshape
+        lps = None
+        if any(r is not None and r.params.logprobs is not None for r in reqs):
+            lps = self._call(steps.token_logprobs, logits, tokens, sp)
         self._stats["decode_steps"] += 1
         self._drain()  # read the previous step while this one runs
-        self._inflight = _InFlight(reqs, tokens, accepted, last, pos, active, advance)
+        self._inflight = _InFlight(reqs, tokens, accepted, last, pos, active, advance, lps)
 
     def _drain(self) -> None:
         """Read the step in flight and commit its tokens to the requests still in their slots."""
@@ -369,6 +460,14 @@ class Engine:
             return
         tokens = np.asarray(f.tokens).reshape(self.max_batch, -1)
         accepted = np.zeros(self.max_batch, bool) if f.accepted is None else np.asarray(f.accepted)
+        records = None
+        if f.logprobs is not None:
+            per_slot = tokens.shape[1]
+            chosen, top_ids, top_lps = (np.asarray(a) for a in f.logprobs)
+            chosen = chosen.reshape(self.max_batch, per_slot)
+            top_ids = top_ids.reshape(self.max_batch, per_slot, -1)
+            top_lps = top_lps.reshape(self.max_batch, per_slot, -1)
+            records = (chosen, top_ids, top_lps)
         for slot, req in enumerate(f.requests):
             if req is None or self._slots[slot] is not req:
                 continue  # finished, cancelled or replaced since: its token is dropped
@@ -377,12 +476,19 @@ class Engine:
                 self._stats["accepted"] += int(accepted[slot])
             n = 1 + int(accepted[slot])
             self._last[slot], self._pos[slot] = tokens[slot, n - 1], self._pos[slot] + n
-            self._commit(slot, [int(t) for t in tokens[slot, :n]])
+            self._commit(slot, [int(t) for t in tokens[slot, :n]],
+                         None if records is None else _records(records, slot, n, req.params.logprobs))
 
-    def _commit(self, slot: int, new: list[int]) -> None:
+    def _commit(self, slot: int, new: list[int], logprobs: list | None = None) -> None:
         """Append tokens to the slot's request up to its first stop condition; free when done."""
         req = self._slots[slot]
-        reason, kept = req._extend(new, self.detokenize)
+        if req.params.logprobs is None:
+            logprobs = None
+        try:
+            reason, kept = req._extend(new, self.detokenize, logprobs)
+        except Exception as e:  # noqa: BLE001 -- e.g. its detokenizer failed: that request only
+            reason, kept = "error", 0
+            req._finish("error", f"{type(e).__name__}: {e}")
         self._stats["tokens_generated"] += kept
         if reason is not None:
             req._finish(reason)
@@ -397,6 +503,8 @@ class Engine:
                                          kv.zeros((B, self.cfg.vocab_size), jnp.float32,
                                                   ("batch", None), self.mesh))
                         if self.speculative else None)
+        self._history = History(kv.zeros((B, self.cfg.vocab_size), jnp.int32, ("batch", None), self.mesh),
+                                kv.zeros((B, self.cfg.vocab_size), jnp.bool_, ("batch", None), self.mesh))
 
     def _fail_active(self, message: str) -> None:
         self._inflight = None

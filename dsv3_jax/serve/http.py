@@ -1,255 +1,357 @@
-"""An OpenAI-compatible HTTP API over the engine, standard library only.
+"""The OpenAI-compatible HTTP server: starlette routes served by uvicorn.
 
 POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
-`"stream": true`, ending `data: [DONE]`), GET /v1/models and /health. Every choice also
-carries `token_ids`: every id the model generated, a final EOS / stop token included.
-Errors are OpenAI-shaped, `{"error": {"message", "type", "code", "param"}}`, with status 400
-(bad request), 404, 405, 413, 429 (engine queue full) or 500 (engine failure). A client that
-disconnects has its request cancelled, which frees its engine slot. Request bodies are checked
-and turned into engine requests in dsv3_jax/serve/api_params.py.
+`"stream": true`, ending `data: [DONE]`), POST /tokenize and /detokenize, GET /v1/models,
+/health (503 when the engine cannot step) and /metrics (Prometheus text). Errors are
+OpenAI-shaped, `{"error": {"message", "type", "code", "param"}}`: 400, 404, 405, 413 (body over
+`Limits.max_body_bytes`), 429 (engine queue full), 503 (over `Limits.max_concurrency`, or
+shutting down), 504 (past `Limits.generation_timeout`), 500. Once an event stream's headers
+are out, an error is sent as an `{"error": ...}` event followed by `data: [DONE]`.
+
+Waiting costs no thread: each engine request calls back into the event loop when it has news
+(Request.add_listener). A client that disconnects (starlette's disconnect event: the ASGI
+receive channel) has its requests cancelled, which frees their engine slots. On SIGTERM the
+server stops admitting, lets running requests finish for `Limits.drain_seconds`, then cancels
+the rest (their streams end with an error event and `[DONE]`) and exits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-import select
-import signal
-import socket
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from dsv3_jax.serve.api_params import APIError, Job, RequestParser
-from dsv3_jax.serve.chat import TextStream, finish_reason, stream_text
-from dsv3_jax.serve.engine import QueueFull, RequestError, SamplingParams
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
-MAX_BODY_BYTES = 16 * 2**20
+from dsv3_jax.serve.api import ChoiceStream, OpenAIAPI
+from dsv3_jax.serve.api_params import APIError, Job, _bad
+from dsv3_jax.serve.metrics import Metrics
+
+__all__ = ["Limits", "OpenAIAPI", "Server", "make_app", "serve_http"]
+
+GET = ("/health", "/v1/models", "/metrics")
+POST = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 
 
-class OpenAIAPI:
-    """Request bodies to engine requests and engine output to OpenAI response objects."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may take from the server."""
 
-    def __init__(self, engine, *, tokenizer=None, chat_template=None, model_name: str = "model",
-                 defaults: SamplingParams = SamplingParams(max_new_tokens=256)):
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        eos = engine.cfg.eos_token_id
-        self.parser = RequestParser(
-            max_seq_len=engine.max_seq_len, tokenizer=tokenizer, chat_template=chat_template,
-            model_name=model_name, defaults=defaults,
-            eos_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    max_body_bytes: int = 16 * 2**20
+    max_concurrency: int = 512          # requests being answered at once (then 503)
+    generation_timeout: float = 600.0   # seconds a request may generate (then 504 / error event)
+    keep_alive_timeout: float = 30.0    # seconds an idle keep-alive connection stays open
+    drain_seconds: float = 30.0         # on SIGTERM: how long running requests may finish
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
-    def parse(self, body, chat: bool) -> Job:
-        """Validate a request body (dsv3_jax/serve/api_params.py); raises APIError(400)."""
-        return self.parser.parse(body, chat)
+class _Waker:
+    """Wakes one handler's coroutine from the engine thread (no thread per request)."""
 
-    def submit(self, job: Job):
-        """The engine Request for `job`; engine refusals become 400 / 429 / 500."""
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
         try:
-            return self.engine.submit(job.prompt, job.params)
-        except RequestError as e:
-            raise APIError(400, str(e), code="invalid_request") from None
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
-                           code="queue_full") from None
-        except Exception as e:  # noqa: BLE001 -- the server outlives any engine failure
-            raise APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error",
-                           code="engine_error") from None
-
-    def text_stream(self, job: Job) -> TextStream:
-        return TextStream(self.decode if self.tokenizer else None, job.params.stop, job.hidden_ids)
-
-    def _head(self, job: Job, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if job.chat else "text_completion"
-        return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id, "object": kind,
-                "created": job.created, "model": self.model_name}
-
-    def usage(self, job: Job, n: int) -> dict:
-        return {"prompt_tokens": len(job.prompt), "completion_tokens": n,
-                "total_tokens": len(job.prompt) + n}
-
-    def response(self, job: Job, text: str, ids: list[int], finish: str | None) -> dict:
-        """The non-streaming response object."""
-        choice = {"index": 0, "token_ids": ids, "logprobs": None, "finish_reason": finish}
-        if job.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {**self._head(job, False), "choices": [choice], "usage": self.usage(job, len(ids))}
-
-    def chunk(self, job: Job, text: str | None, ids: list[int], finish: str | None = None,
-              role: bool = False) -> dict:
-        """One streamed event's object."""
-        choice = {"index": 0, "token_ids": ids, "logprobs": None, "finish_reason": finish}
-        if job.chat:
-            choice["delta"] = ({"role": "assistant", "content": ""} if role else
-                               {} if text is None else {"content": text})
-        else:
-            choice["text"] = text or ""
-        return {**self._head(job, True), "choices": [choice]}
-
-    def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": int(time.time()),
-            "owned_by": "dsv3-jax", "max_model_len": self.engine.max_seq_len}]}
-
-
-def _watch(sock: socket.socket, request) -> None:
-    """Cancel `request` when the client closes its connection before the request finishes."""
-    def run():
-        while request.finish_reason is None:
-            try:
-                readable, _, _ = select.select([sock], [], [], 0.2)
-                if readable and not sock.recv(1, socket.MSG_PEEK):
-                    break  # EOF: the client hung up
-            except (OSError, ValueError):
-                break
-            if readable:
-                return  # the client sent more bytes: still there
-        else:
-            return
-        request.cancel()
-    threading.Thread(target=run, daemon=True, name="disconnect-watch").start()
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Routes: GET /health, /v1/models; POST /v1/completions, /v1/chat/completions."""
-
-    server_version = "dsv3-jax"
-    protocol_version = "HTTP/1.1"  # keep-alive for JSON responses; event streams close
-    GET = ("/health", "/v1/models")
-    POST = ("/v1/completions", "/v1/chat/completions")
-
-    @property
-    def api(self) -> OpenAIAPI:
-        return self.server.api
-
-    def log_message(self, format, *args):
-        sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
-    def _json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 405:
-            self.send_header("Allow", "GET" if self._path() in self.GET else "POST")
-        if status >= 400:  # an unread request body must not be taken for the next request
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/") or "/"
-
-    def _route(self) -> None:
-        method = self.command
-        try:
-            path = self._path()
-            if path not in self.GET + self.POST:
-                raise APIError(404, f"no route {path!r}: try {', '.join(self.GET + self.POST)}",
-                               code="not_found")
-            if path not in {"GET": self.GET, "POST": self.POST}.get(method, ()):
-                raise APIError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-            if path == "/health":
-                self._json(200, {"status": "ok", "model": self.api.model_name,
-                                 "engine": self.api.engine.stats()})
-            elif path == "/v1/models":
-                self._json(200, self.api.models())
-            else:
-                self._complete(self.api.parse(self._body(), chat=path.endswith("chat/completions")))
-        except APIError as e:
-            self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
+            self.loop.call_soon_threadsafe(self.event.set)
+        except RuntimeError:  # the loop has closed
             pass
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            pass
+        self.event.clear()
+
+
+def _error(e: APIError, **headers) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
+
+
+def _event(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+class App:
+    """The routes over one `OpenAIAPI`; `draining` (set on SIGTERM) stops admission."""
+
+    def __init__(self, api: OpenAIAPI, limits: Limits = Limits()):
+        self.api, self.limits = api, limits
+        self.metrics = Metrics(api.engine)
+        self.draining = False
+        self.drain_deadline = float("inf")
+        self.active = 0  # requests being answered
+        self.starlette = Starlette(routes=[Route(
+            "/{path:path}", self.route, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])])
+
+    def drain(self) -> None:
+        """Stop admitting; requests still running after `drain_seconds` are cancelled."""
+        self.draining = True
+        self.drain_deadline = time.monotonic() + self.limits.drain_seconds
+
+    async def route(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        method = request.method
+        response = await self._route(request, path, method)
+        self.metrics.request(path if path in GET + POST else "other", response.status_code)
+        return response
+
+    async def _route(self, request: Request, path: str, method: str) -> Response:
+        try:
+            if path not in GET + POST:
+                raise APIError(404, f"no route {path!r}: try {', '.join(GET + POST)}", code="not_found")
+            if method not in (("GET", "HEAD") if path in GET else ("POST",)):
+                e = APIError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
+                return _error(e, Allow="GET" if path in GET else "POST")
+            if path == "/health":
+                healthy = self.api.engine.healthy and not self.draining
+                return JSONResponse({"status": "ok" if healthy else "unhealthy",
+                                     "model": self.api.model_name, "engine": self.api.engine.stats(),
+                                     "draining": self.draining}, status_code=200 if healthy else 503)
+            if path == "/v1/models":
+                return JSONResponse(self.api.models())
+            if path == "/metrics":
+                body, content_type = self.metrics.render()
+                return Response(body, media_type=content_type)
+            body = await self._body(request)
+            if path == "/tokenize":
+                return JSONResponse(self._tokenize(body))
+            if path == "/detokenize":
+                return JSONResponse(self._detokenize(body))
+            if self.draining:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if self.active >= self.limits.max_concurrency:
+                raise APIError(503, f"the server is answering {self.active} requests, its limit; "
+                               "retry later", type="server_error", code="overloaded")
+            job = self.api.parse(body, chat=path.endswith("chat/completions"))
+            return await self._complete(request, job, path)
+        except APIError as e:
+            return _error(e)
+        except ClientDisconnect:
+            return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 -- one bad request must not take the server down
-            self._json(500, APIError(500, f"internal error: {type(e).__name__}: {e}",
-                                     type="server_error", code="internal_error").body())
+            return _error(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                   type="server_error", code="internal_error"))
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _route
-
-    def _body(self):
+    async def _body(self, request: Request):
+        """The JSON body, refused above `max_body_bytes` (by Content-Length, or as it arrives)."""
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n < 0:
+                raise APIError(400, f"invalid Content-Length {length!r:.40}")
+            if n > limit:
+                raise APIError(413, f"the request body ({n} bytes) exceeds {limit} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise APIError(413, f"the request body exceeds {limit} bytes")
+        if not data:
+            raise APIError(400, "a JSON request body is required", code="invalid_json")
         try:
-            n = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise APIError(400, "a request body with a Content-Length header is required") from None
-        if n > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body ({n} bytes) exceeds {MAX_BODY_BYTES} bytes")
-        try:
-            return json.loads(self.rfile.read(n))
+            return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
-    def _complete(self, job: Job) -> None:
-        request = self.api.submit(job)
-        _watch(self.connection, request)
-        text = self.api.text_stream(job)
-        if not job.stream:
-            pieces, ids = [], []
-            for new_ids, new_text in stream_text(request, text):
-                ids += new_ids
-                pieces.append(new_text)
-            reason = finish_reason(request, text)
-            if reason == "error":
-                raise APIError(500, f"the engine failed on this request: {request.error}",
-                               type="server_error", code="engine_error")
-            self._json(200, self.api.response(job, "".join(pieces), ids, reason))
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
+    def _tokenize(self, body) -> dict:
+        """{"prompt": str} or {"messages": [...]} -> {"tokens", "count", "max_model_len"}."""
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        chat = "messages" in body
+        self.api.parser._need_tokenizer("tokenize", "messages" if chat else "prompt")
+        if not chat and not isinstance(body.get("prompt"), str):
+            raise _bad("prompt", "'prompt' must be a string")
+        ids = self.api.parser._prompts(body, chat)[0] if chat else self.api.tokenizer.encode(
+            body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True))).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.api.engine.max_seq_len}
+
+    def _detokenize(self, body) -> dict:
+        """{"tokens": [ids]} -> {"prompt": text}."""
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        self.api.parser._need_tokenizer("detokenize", "tokens")
+        return {"prompt": self.api.decode(self.api.parser._token_ids(body.get("tokens"), "tokens"))}
+
+    # -- completions ---------------------------------------------------------------------------
+
+    async def _complete(self, request: Request, job: Job, path: str) -> Response:
+        choices = self.api.submit(job)
+        self.metrics.submitted(sum(len(c.prompt) for c in choices))
+        if job.stream:
+            return StreamingResponse(self._stream(request, job, choices, path), headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        self.active += 1
         try:
-            if job.chat:
-                self._event(self.api.chunk(job, None, [], role=True))
-            n = 0
-            for new_ids, new_text in stream_text(request, text):
-                n += len(new_ids)
-                self._event(self.api.chunk(job, new_text, new_ids))
-            reason = finish_reason(request, text)
-            if reason == "error":
-                self._event(APIError(500, f"the engine failed on this request: {request.error}",
-                                     type="server_error", code="engine_error").body())
-            else:
-                self._event(self.api.chunk(job, None, [], finish=reason))
-                if job.include_usage:
-                    self._event({**self.api._head(job, True), "choices": [],
-                                 "usage": self.api.usage(job, n)})
-            self.wfile.write(b"data: [DONE]\n\n")
-        except OSError:  # the client went away mid-stream: free its slot
-            request.cancel()
+            results = {c.index: (c, "", [], []) for c in choices}
+            async for c, ids, text, lps in self._updates(choices, request.is_disconnected):
+                _, t, i, l = results[c.index]
+                results[c.index] = (c, t + text, i + ids, l + lps)
+            error = next((c for c in choices if c.reason in ("error", "timeout", "shutdown")), None)
+            if error is not None:
+                raise self._failure(error)
+            return JSONResponse(self.api.response(job, list(results.values())))
+        finally:
+            self.active -= 1
+            self._cancel(choices)
 
-    def _event(self, obj: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+    def _failure(self, c: ChoiceStream) -> APIError:
+        if c.reason == "timeout":
+            return APIError(504, f"generation took longer than {self.limits.generation_timeout}s",
+                            type="server_error", code="timeout")
+        if c.reason == "shutdown":
+            return APIError(503, "the server shut down before the request finished",
+                            type="server_error", code="shutting_down")
+        return APIError(500, f"the engine failed on this request: {c.request.error}",
+                        type="server_error", code="engine_error")
+
+    def _cancel(self, choices: list[ChoiceStream]) -> None:
+        for c in choices:
+            if not c.request.done:
+                c.request.cancel()
+            if not c.observed:
+                c.observed = True
+                self.metrics.finished(c.request)
+
+    async def _updates(self, choices: list[ChoiceStream], disconnected=None):
+        """(choice, new ids, new text, logprob records) as the engine produces them, a last one
+        per choice when it ends (`choice.done`); past the generation timeout, or the drain
+        deadline on shutdown, the rest are cancelled with reason "timeout" / "shutdown".
+        `disconnected`: starlette's `Request.is_disconnected` (ClientDisconnect when true)."""
+        waker = _Waker()
+        for c in choices:
+            c.request.add_listener(waker)
+        deadline = time.monotonic() + self.limits.generation_timeout
+        pending = list(choices)
+        while pending:
+            for c in list(pending):
+                ids, text, lps = c.take()
+                if ids or text or c.done:
+                    yield c, ids, text, lps
+                if c.done:
+                    pending.remove(c)
+            if not pending:
+                return
+            now = time.monotonic()
+            late = "timeout" if now > deadline else "shutdown" if now > self.drain_deadline else None
+            if late:
+                for c in pending:
+                    c.request.cancel()
+                    c.done, c.reason = True, late
+                    yield c, [], "", []
+                return
+            await waker.wait(0.5)
+            if disconnected is not None and await disconnected():
+                raise ClientDisconnect()
+
+    async def _stream(self, request: Request, job: Job, choices: list[ChoiceStream], path: str):
+        """The event stream. A chat choice's role chunk goes out with its first token (so a
+        client's time to first token is the engine's). Cancelled by starlette when the client
+        disconnects: the finally cancels the engine requests."""
+        self.active += 1
+        try:
+            offsets = {c.index: 0 for c in choices}
+            async for c, ids, text, lps in self._updates(choices):
+                if not c.started:
+                    c.started = True
+                    if job.chat:
+                        yield _event(self.api.chunk(job, c, None, [], [], role=True))
+                    echo_text, echo_ids, echo_lps = self.api.echo(job, c)
+                    if echo_ids:
+                        yield _event(self.api.chunk(job, c, echo_text, echo_ids, list(echo_lps)))
+                        offsets[c.index] = len(echo_text)
+                if ids or text:
+                    yield _event(self.api.chunk(job, c, text, ids, lps, offset=offsets[c.index]))
+                    offsets[c.index] += len(text)
+                if c.done:
+                    if c.reason in ("error", "timeout", "shutdown"):
+                        yield _event(self._failure(c).body())
+                    else:
+                        yield _event(self.api.chunk(job, c, None, [], [], finish=c.reason))
+            if job.include_usage:
+                yield _event({**self.api.head(job, True), "choices": [],
+                              "usage": self.api.usage(job, choices)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.active -= 1
+            self._cancel(choices)
 
 
-class Server(ThreadingHTTPServer):
-    """A thread per connection; `api` answers the requests."""
-
-    daemon_threads = True
-    request_queue_size = 256
-
-    def __init__(self, api: OpenAIAPI, host: str = "127.0.0.1", port: int = 8000):
-        self.api = api
-        super().__init__((host, port), Handler)
+def make_app(api: OpenAIAPI, limits: Limits = Limits()) -> App:
+    """The ASGI application (`App.starlette`) answering for `api`."""
+    return App(api, limits)
 
 
-def serve_http(api: OpenAIAPI, host: str = "127.0.0.1", port: int = 8000, log=print) -> None:
-    """Serve until SIGINT / SIGTERM."""
-    server = Server(api, host, port)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    log(f"serving {api.model_name!r} on http://{host}:{server.server_port} "
-        "(POST /v1/completions, /v1/chat/completions; GET /v1/models, /health)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling the app to drain on SIGTERM / SIGINT and saying where it listens."""
+
+    def __init__(self, config: uvicorn.Config, app: App, log):
+        super().__init__(config)
+        self.app, self.log, self.port = app, log, None
+        self.started_event = threading.Event()
+
+    def handle_exit(self, sig, frame) -> None:
+        self.app.drain()
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.servers:
+            self.port = self.servers[0].sockets[0].getsockname()[1]
+            cfg = self.config
+            self.log(f"serving {self.app.api.model_name!r} on http://{cfg.host}:{self.port} "
+                     f"(POST {', '.join(POST)}; GET {', '.join(GET)})")
+        self.started_event.set()
+
+
+class Server:
+    """`serve_forever()` here, or `start()` in a thread (tests) and `shutdown()`."""
+
+    def __init__(self, api: OpenAIAPI, host: str = "127.0.0.1", port: int = 8000,
+                 limits: Limits = Limits(), log=print):
+        self.app = make_app(api, limits)
+        config = uvicorn.Config(
+            self.app.starlette, host=host, port=port, log_level="warning", access_log=False,
+            limit_concurrency=limits.max_concurrency + 64,  # our 503 first; uvicorn's is the backstop
+            timeout_keep_alive=int(limits.keep_alive_timeout),
+            timeout_graceful_shutdown=int(limits.drain_seconds) + 5, lifespan="off")
+        self._server = _Uvicorn(config, self.app, log)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def server_port(self) -> int | None:
+        return self._server.port
+
+    def serve_forever(self) -> None:
+        """Serve until SIGINT / SIGTERM (main thread), or until `shutdown()`."""
+        self._server.run()
+
+    def start(self) -> "Server":
+        """Serve from a background thread; returns once listening."""
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="http")
+        self._thread.start()
+        self._server.started_event.wait(60)
+        return self
+
+    def shutdown(self) -> None:
+        self.app.drain()
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(60)
+
+
+def serve_http(api: OpenAIAPI, host: str = "127.0.0.1", port: int = 8000, log=print,
+               limits: Limits = Limits()) -> None:
+    """Serve until SIGINT / SIGTERM (then drain, see the module docstring)."""
+    Server(api, host, port, limits, log).serve_forever()

@@ -26,10 +26,18 @@ class SamplingArrays:
     top_k: Int[Array, "b"]          # 0: off
     top_p: Float[Array, "b"]        # 1: off
     seed: Int[Array, "b"]           # uint32
+    # penalties (dsv3_jax/serve/penalties.py); None: no penalties
+    presence: Float[Array, "b"] | None = None
+    frequency: Float[Array, "b"] | None = None
+    repetition: Float[Array, "b"] | None = None
+    min_tokens: Int[Array, "b"] | None = None
+    bias: Float[Array, "b vocab"] | None = None     # logit_bias, dense
+    stop_mask: Array | None = None                  # [b, vocab] bool: the stop tokens (min_tokens)
 
 
-jax.tree_util.register_dataclass(SamplingArrays, data_fields=["temperature", "top_k", "top_p", "seed"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+    SamplingArrays, data_fields=["temperature", "top_k", "top_p", "seed", "presence", "frequency",
+                                 "repetition", "min_tokens", "bias", "stop_mask"], meta_fields=[])
 
 
 def row_keys(seed: Int[Array, "b"], position: Int[Array, "b"], purpose: int) -> jax.Array:
@@ -99,3 +107,16 @@ def sample(logits: Float[Array, "b vocab"], sp: SamplingArrays, position: Int[Ar
 def categorical(keys: jax.Array, logits: Float[Array, "b vocab"]) -> Int[Array, "b"]:
     """One draw per row with its own key (Gumbel-max; -inf logits are never drawn)."""
     return jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, logits).astype(jnp.int32)
+
+
+def logprobs(logits: Float[Array, "b vocab"], tokens: Int[Array, "b"], sp: SamplingArrays, k: int
+             ) -> tuple[Float[Array, "b"], Int[Array, "b k"], Float[Array, "b k"]]:
+    """(logprob of `tokens`, the top-k ids, their logprobs) of the distribution each row draws
+    from, in fp32: `logits` (already penalized) over the row's temperature (greedy rows: the
+    logits as they are), before top-k / top-p truncation."""
+    logits = logits.astype(jnp.float32)
+    scaled = logits / jnp.where(greedy(sp), 1.0, sp.temperature)[:, None]
+    lp = jax.nn.log_softmax(scaled, axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    top, ids = jax.lax.top_k(lp, k)
+    return chosen, ids.astype(jnp.int32), top

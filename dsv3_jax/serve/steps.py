@@ -7,6 +7,12 @@ a list in C++, an `nnx.State` in Python (about 0.2 ms per call on CPU, a tenth o
 model's decode step). Shapes are fixed by the engine (all `max_batch` slots per decode step;
 prefills bucketed by batch, chunk length and cache window; decode steps read the cache up to a power-of-two
 window past the furthest slot), so nothing recompiles per token or request.
+
+With `history` (dsv3_jax/serve/penalties.py, donated too) a step applies the requests'
+penalties before sampling, returns the penalized fp32 logits (what logprobs are computed from)
+and the updated history after its other outputs; without it (the AOT compile, benchmarks) the
+steps are the plain model. A prefill with `echo=True` also returns, per prompt position, the
+raw model's log-softmax of the next prompt token and the top MAX_LOGPROBS alternatives.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from jaxtyping import Array, Float, Int
 from dsv3_jax.model import DecodeCache
 from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import speculative
+from dsv3_jax.serve.penalties import History, penalize
 from dsv3_jax.serve.sampling import SamplingArrays, sample
+from dsv3_jax.serve.request import MAX_LOGPROBS
+from dsv3_jax.serve.sampling import logprobs as _logprobs
 from sharding.rules import constrain
 
 
@@ -72,7 +81,8 @@ def _rows_view(cache: DecodeCache, rows: Int[Array, "n"], window: int) -> Decode
 
 def prefill(structure, weights, cache: DecodeCache, drafts: DraftState | None, ids: Int[Array, "n s"],
             next_ids: Int[Array, "n s"], start: Int[Array, "n"], lengths: Int[Array, "n"],
-            final: Array, rows: Int[Array, "n"], sp: SamplingArrays, *, window: int):
+            final: Array, rows: Int[Array, "n"], sp: SamplingArrays, *, window: int,
+            history: History | None = None, echo: bool = False):
     """Prefill one chunk per prompt: the `lengths[i]` tokens `ids[i]` (right-padded to s) at
     positions `start[i] + j`, attending (expanded, blockwise) over slot `rows[i]`'s cached
     prefix [0, start[i]) (`window` >= start + s: how far that view reaches; 0 when every start
@@ -87,7 +97,12 @@ def prefill(structure, weights, cache: DecodeCache, drafts: DraftState | None, i
     view = _rows_view(cache, rows, window) if window else None
     hidden, entries = model.decode(ids, positions, view, prefill=True)
     last = lengths - 1
+    if history is not None:
+        history = history.start_prompts(rows, start == 0, ids, lengths)
+    prompt_lps = _prompt_logprobs(model, hidden, next_ids) if echo else None
     logits = model.head(_at(hidden, last))[:, 0]
+    if history is not None:
+        logits = penalize(logits, sp, history.rows(rows))
     first = sample(logits, sp, start + lengths)
     if drafts is not None:
         after_last = final[:, None] & (jnp.arange(s)[None, :] == last[:, None])
@@ -98,11 +113,24 @@ def prefill(structure, weights, cache: DecodeCache, drafts: DraftState | None, i
         done = jnp.where(final, rows, drafts.token.shape[0])
         drafts = DraftState(drafts.token.at[done].set(token, mode="drop"),
                             drafts.q.at[done].set(q, mode="drop")).pinned()
-    return first, logits, kv.write(cache, entries, rows, positions), drafts
+    cache = kv.write(cache, entries, rows, positions)
+    if history is None:
+        return first, logits, cache, drafts
+    history = history.add_rows(rows, first, final)
+    return first, logits, cache, drafts, history, prompt_lps
+
+
+def _prompt_logprobs(model, hidden, next_ids: Int[Array, "n s"]):
+    """Per position j: the raw model's fp32 log-softmax of `next_ids[:, j]` and the top
+    MAX_LOGPROBS (id, logprob) pairs: ([n, s], [n, s, k], [n, s, k])."""
+    lp = jax.nn.log_softmax(model.head(hidden).astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, next_ids[..., None], axis=-1)[..., 0]
+    top, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+    return chosen, ids.astype(jnp.int32), top
 
 
 def decode(structure, weights, cache: DecodeCache, last: Int[Array, "b"], pos: Int[Array, "b"],
-           active, sp: SamplingArrays, *, window: int):
+           active, sp: SamplingArrays, *, window: int, history: History | None = None):
     """Feed each slot's last token at its position (all < window); returns (next token per
     slot, logits, cache, the next step's positions). The token and positions are the next
     step's `last` and `pos`, so steps can be chained on the device."""
@@ -110,13 +138,17 @@ def decode(structure, weights, cache: DecodeCache, last: Int[Array, "b"], pos: I
     positions = pos[:, None]
     hidden, entries = model.decode(last[:, None], positions, _window(cache, window))
     logits = model.head(hidden)[:, 0]
+    if history is not None:
+        logits = penalize(logits, sp, history)
     token = constrain(sample(logits, sp, pos + 1), ("batch",))
     rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
-    return token, logits, kv.write(cache, entries, rows, positions), constrain(pos + 1, ("batch",))
+    out = token, logits, kv.write(cache, entries, rows, positions), constrain(pos + 1, ("batch",))
+    return out if history is None else (*out, history.add(token, active).pinned())
 
 
 def speculative_decode(structure, weights, cache: DecodeCache, drafts: DraftState, last: Int[Array, "b"],
-                       pos: Int[Array, "b"], active, sp: SamplingArrays, *, window: int):
+                       pos: Int[Array, "b"], active, sp: SamplingArrays, *, window: int,
+                       history: History | None = None):
     """Verify each slot's draft and draft again (dsv3_jax/serve/speculative.py); positions < window.
 
     Returns (tokens [b, 2] for positions p + 1, p + 2; accepted [b]: the second token counts
@@ -126,16 +158,24 @@ def speculative_decode(structure, weights, cache: DecodeCache, drafts: DraftStat
     view = _window(cache, window)
     hidden, entries = model.decode(jnp.stack([last, drafts.token], axis=1), positions, view)
     logits = model.head(hidden)
+    if history is not None:  # the bonus token's logits follow the draft, counted as generated
+        logits = jnp.stack([penalize(logits[:, 0], sp, history),
+                            penalize(logits[:, 1], sp, history.add(drafts.token, active))], axis=1)
     tokens, accepted = speculative.verify(logits[:, 0], logits[:, 1], drafts.token, drafts.q, sp, pos)
     # MTP at p sees the token at p + 1, at p + 1 the one at p + 2 (garbage if rejected: its
     # cache entry is rewritten next step, which starts at p + 1)
     normed, entries.mtp = model.mtp_decode(hidden, tokens, positions, view.mtp)
     n_new = accepted.astype(jnp.int32)
-    token, q = speculative.draft(model.head(_at(normed, n_new))[:, 0], sp, pos + 2 + n_new)
+    mtp_logits = model.head(_at(normed, n_new))[:, 0]
+    if history is not None:
+        history = history.add(tokens[:, 0], active).add(tokens[:, 1], active & accepted)
+        mtp_logits = penalize(mtp_logits, sp, history)
+    token, q = speculative.draft(mtp_logits, sp, pos + 2 + n_new)
     rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
     next_last = constrain(jnp.take_along_axis(tokens, n_new[:, None], axis=1)[:, 0], ("batch",))
-    return (tokens, accepted, kv.write(cache, entries, rows, positions), DraftState(token, q).pinned(),
-            next_last, constrain(pos + 1 + n_new, ("batch",)))
+    out = (tokens, accepted, kv.write(cache, entries, rows, positions), DraftState(token, q).pinned(),
+           next_last, constrain(pos + 1 + n_new, ("batch",)))
+    return out if history is None else (*out, logits.astype(jnp.float32), history.pinned())
 
 
 _JITTED: collections.OrderedDict = collections.OrderedDict()
@@ -153,10 +193,18 @@ def jitted(graphdef, treedef):
         def jit(fn, donate, static=()):
             return jax.jit(functools.partial(fn, (graphdef, treedef)), donate_argnames=donate,
                            static_argnames=static)
-        _JITTED[key] = (jit(prefill, ("cache", "drafts"), ("window",)),
-                        jit(decode, ("cache",), ("window",)),
-                        jit(speculative_decode, ("cache", "drafts"), ("window",)))
+        _JITTED[key] = (jit(prefill, ("cache", "drafts", "history"), ("window", "echo")),
+                        jit(decode, ("cache", "history"), ("window",)),
+                        jit(speculative_decode, ("cache", "drafts", "history"), ("window",)))
         while len(_JITTED) > 8:
             _JITTED.popitem(last=False)
     _JITTED.move_to_end(key)
     return _JITTED[key]
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def token_logprobs(logits, tokens, sp: SamplingArrays, k: int = MAX_LOGPROBS):
+    """`sampling.logprobs` over a step's penalized logits [b, (2,) vocab] and tokens [b, (2)]."""
+    if logits.ndim == 3:
+        return jax.vmap(lambda lg, t: _logprobs(lg, t, sp, k), in_axes=(1, 1), out_axes=1)(logits, tokens)
+    return _logprobs(logits, tokens, sp, k)
