@@ -8,6 +8,8 @@ with depth.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 
@@ -25,6 +27,7 @@ from dsv3_jax.layers.moe import MoE
 from dsv3_jax.layers.mtp import MTP
 from dsv3_jax.layers.norm import RMSNorm
 from dsv3_jax.layers.rope import rope_cos_sin
+from sharding.mesh import platform as mesh_platform
 from sharding.rules import constrain, variable_sharding
 
 ACT = ("batch", "seq", None)  # logical layout of [batch, seq, embed] activations
@@ -86,6 +89,26 @@ def _stack_blocks(cfg: ModelConfig, n: int, rngs: nnx.Rngs, **kw) -> Block:
     return stack
 
 
+# Set by the training step (`unrolled_for_training`): on CPU its layer loop is unrolled. XLA:CPU's
+# while loop over stacked layers stacks the residuals and writes each layer's gradients into a
+# stacked buffer with dynamic-update-slices; unrolled, the 64-expert training step of
+# benchmarks/moe_speed.py is ~10% faster (tiny config: same compile time). A forward pass alone
+# is slower unrolled on CPU (every layer's temporaries live at once), so inference keeps the
+# loop, and so do accelerators (compile time at 61 layers).
+_UNROLL_FOR_TRAINING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "unroll_for_training", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_for_training():
+    """Trace the model for a training step: on CPU the layer loop is unrolled (see above)."""
+    token = _UNROLL_FOR_TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL_FOR_TRAINING.reset(token)
+
+
 def _run_stack(stack: Block, x, cos, sin, remat: bool, segment_ids=None):
     def body(carry, block):
         x, aux = block(carry, cos, sin, segment_ids)
@@ -93,7 +116,8 @@ def _run_stack(stack: Block, x, cos, sin, remat: bool, segment_ids=None):
 
     if remat:
         body = nnx.remat(body)
-    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, stack)
+    unroll = _UNROLL_FOR_TRAINING.get() and mesh_platform(jax.sharding.get_abstract_mesh()) == "cpu"
+    return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=unroll)(x, stack)
 
 
 def _decode_stack(stack: Block, x, cos, sin, cache: LatentCache | None, start, prefill: bool):

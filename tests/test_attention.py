@@ -114,6 +114,9 @@ def test_each_backend_gets_its_kernel_where_it_applies(monkeypatch):
     assert pick("tpu") == "splash" and pick("tpu", segments=True) == "splash"
     assert pick("gpu") == "cudnn" and pick("gpu", segments=True) == "blockwise"
     assert pick("cpu") == "blockwise"
+    # one score block on CPU: the dense form (training at seq 256, short prefills)
+    assert pick("cpu", sq=256, sk=256) == "dense" and pick("cpu", sq=256, sk=512) == "dense"
+    assert pick("cpu", sq=512, sk=512) == "blockwise"
     for platform in ("tpu", "gpu"):
         assert pick(platform, dtype=jnp.float32) == "blockwise"       # fp32: the reference
         assert pick(platform, sq=512, offsets=True) == "blockwise"    # chunked prefill
@@ -191,8 +194,8 @@ def test_implementation_context_reaches_every_call(monkeypatch):
     monkeypatch.setattr(A, "dense_attention", lambda *a, **k: calls.append(1) or a[-1][..., :1, :, :])
     ops = _operands(8, 8)
     with A.implementation("dense"):
-        A.attention(*ops, scale=0.3)
-    A.attention(*ops, scale=0.3)  # outside: blockwise again
+        A.attention(*ops, scale=0.3, block_q=8)  # the context wins over explicit blocks
+    A.attention(*ops, scale=0.3, block_q=8)  # outside: blockwise again
     assert calls == [1]
     with pytest.raises(ValueError, match="allowed"):
         with A.implementation("flash"):

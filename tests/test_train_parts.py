@@ -124,3 +124,37 @@ def test_accumulated_step_equals_one_big_step_and_moves_the_bias_once():
         runs[k] = (float(parts["loss"]), np.asarray(model.moe_layers.self_attn.o_proj.get_value()))
     assert abs(runs[1][0] - runs[2][0]) < 1e-5 * abs(runs[1][0])
     np.testing.assert_allclose(runs[2][1], runs[1][1], rtol=1e-4, atol=1e-6)
+
+
+def _layer_scans(jaxpr, length):
+    """`unroll` of every scan over `length` iterations in a jaxpr (sub-jaxprs included)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and eqn.params["length"] == length:
+            found.append(eqn.params["unroll"])
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _layer_scans(sub, length)
+    return found
+
+
+def test_training_step_unrolls_the_layer_loop_on_cpu_and_inference_keeps_it():
+    from dsv3_jax.train.step import train_step
+    cfg = ModelConfig.from_json(FIXTURES.parent.parent.parent / "configs" / "tiny.json")
+    model = init_model(cfg, seed=0)
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    ids = jnp.zeros((1, 2, 17), jnp.int32)
+    opt = nnx.Optimizer(model, make_optimizer(model), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, opt))
+
+    def step(state, ids):
+        m, o = nnx.merge(graphdef, state)
+        return train_step(m, o, ids)
+
+    trained = _layer_scans(jax.make_jaxpr(step)(state, ids).jaxpr, moe_layers)
+    assert trained and all(u in (True, moe_layers) for u in trained), trained
+    forward = _layer_scans(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)[0](x))(
+        state, ids[0, :, :-1]).jaxpr, moe_layers)
+    assert forward and all(u in (1, False) for u in forward), forward

@@ -95,14 +95,16 @@ def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "b
     """Causal softmax attention `softmax(scale * (q_nope k_nope^T + q_pe k_pe^T) + mask) v`,
     scores and softmax in fp32, the probabilities cast to v's dtype for the value product (as
     the dense form does); output in v's dtype. `implementation`: one of IMPLEMENTATIONS, None
-    for the backend's kernel where it applies (see the module docstring)."""
+    for the backend's kernel where it applies (see the module docstring); explicit block sizes
+    mean the blockwise form unless an `implementation` context says otherwise."""
     b, sq, h, _ = q_nope.shape
     sk = k_nope.shape[1]
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("attention: pass both q_segment_ids and kv_segment_ids, or neither")
-    impl = implementation or _FORCED.get() or default_implementation(
+    impl = implementation or _FORCED.get() or ("blockwise" if block_q or block_k else
+                                                default_implementation(
         q_nope.dtype, sq, sk, offsets=q_offset is not None or kv_len is not None,
-        segments=q_segment_ids is not None)
+        segments=q_segment_ids is not None))
     if impl == "splash":
         return _splash(q_nope, q_pe, k_nope, k_pe, v, scale, q_segment_ids, kv_segment_ids)
     if impl == "cudnn":
@@ -139,8 +141,13 @@ def _platform() -> str:
 
 def default_implementation(dtype, seq_q: int, seq_k: int, *, offsets: bool, segments: bool,
                            platform: str | None = None) -> str:
-    """The backend kernel where it applies (causal, no offsets, bf16/fp16), else "blockwise"."""
+    """The backend kernel where it applies (causal, no offsets, bf16/fp16), else "blockwise";
+    on CPU "dense" when the scores are one block anyway (the blockwise loop would only add its
+    recomputation in the backward pass and its bookkeeping)."""
     platform = platform or _platform()
+    if platform == "cpu":
+        bq, bk = block_sizes(seq_q, seq_k, platform)
+        return "dense" if seq_q <= bq and seq_k <= bk else "blockwise"
     if offsets or seq_q != seq_k or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return "blockwise"
     if platform == "tpu":

@@ -2,10 +2,12 @@
 
 The layout: the (token, expert) rows sorted by expert, each expert's group padded to a
 multiple of a tile of `tile` rows, so every tile belongs to exactly one expert. Each tile is
-multiplied by its own expert's weight, chunk by chunk; chunks past the rows actually routed
-are skipped (forward and backward, a custom VJP), so FLOPs and memory grow with the number
-of routed rows (plus at most `tile - 1` padding rows per expert), never with experts x tokens. `jax.lax.ragged_dot` is not used by default: on XLA:CPU and XLA:GPU it is a
-dense emulation whose cost grows with the number of groups (see benchmarks/).
+multiplied by its own expert's weight, a chunk of tiles per iteration of a while loop that
+stops at the last tile holding rows (forward and backward, a custom VJP), so FLOPs and memory
+grow with the number of routed rows (plus at most `tile - 1` padding rows per expert), never
+with experts x tokens. This is "ours", the CPU choice of dsv3_jax/layers/platform_gmm.py (and
+the FP8 path everywhere): `jax.lax.ragged_dot` on XLA:CPU is a dense emulation whose cost
+grows with the number of groups (benchmarks/moe_speed.py, benchmarks/moe_scaling.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from dsv3_jax import fp8 as f8
+from sharding.mesh import platform as mesh_platform
 
-# Gathered expert weights per chunk are bounded by this many elements (64 MiB in fp32).
-_CHUNK_ELEMENTS = 1 << 24
+# Gathered expert weights per loop iteration are bounded by this many elements: 1 MiB in fp32 on
+# CPU (cache-sized: each gathered weight is read back from cache), 64 MiB on accelerators.
+_CHUNK_ELEMENTS = {"cpu": 1 << 18}
+_CHUNK_ELEMENTS_DEFAULT = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +104,9 @@ def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"], lay
     The products come back in `out_dtype` (default `dtype`); fp32 keeps partial sums exact for
     a caller that adds them across devices (a K split over the tensor axis).
 
-    Tiles are processed in chunks (a scan); each chunk gathers its tiles' expert weights
-    (bounded to `_CHUNK_ELEMENTS`), and chunks wholly past `used_tiles` (the static worst-case
-    padding) are skipped, forward and backward, so the work follows the routed rows. With
+    Tiles are processed in chunks, one per iteration of a while loop that runs to `used_tiles`
+    (the static buffer's worst-case padding costs nothing); each chunk gathers its tiles'
+    expert weights (bounded by `_CHUNK_ELEMENTS`), forward and backward. With
     `fp8`, every product (forward, dgrad, wgrad) is block-scaled e4m3 (dsv3_jax/fp8.py).
     """
     out_dtype = out_dtype or dtype
@@ -127,38 +132,44 @@ def _zeros_varying_like(shape, dtype, *deps):
     return z
 
 
-def _split_chunks(tiles: int, per_tile_elements: int, *arrays):
-    """(chunk, n_chunks, arrays as [n_chunks, chunk, ...]): tiles per chunk bounded so a
-    chunk's gathered weights stay under `_CHUNK_ELEMENTS`; the last chunk is zero-padded."""
-    chunk = max(1, min(tiles, _CHUNK_ELEMENTS // max(1, per_tile_elements)))
-    n_chunks = -(-tiles // chunk)
-    pad = n_chunks * chunk - tiles
-
-    def split(a):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        return a.reshape((n_chunks, chunk) + a.shape[1:])
-
-    return chunk, n_chunks, [split(a) for a in arrays]
+def _chunk_tiles(tiles: int, per_tile_elements: int) -> int:
+    """Tiles per loop iteration: their gathered expert weights stay under the target platform's
+    `_CHUNK_ELEMENTS` (the context mesh's devices: AOT compiles for GPU run on CPU)."""
+    platform = mesh_platform(jax.sharding.get_abstract_mesh())
+    limit = _CHUNK_ELEMENTS.get(platform, _CHUNK_ELEMENTS_DEFAULT)
+    return max(1, min(tiles, limit // max(1, per_tile_elements)))
 
 
-def _chunked(fn, tile_group, used_tiles, tiles: int, per_tile_elements: int, w, *arrays):
-    """Scan `fn(tile_group_chunk, *array_chunks)` over chunks of tiles, skipping unused chunks.
+def _chunk_starts(c, chunk: int, tiles: int, used_tiles):
+    """First tile of iteration `c` (clamped so the chunk stays in bounds: the last chunk may
+    overlap the one before) and a mask of the tiles this iteration owns (not done before, and
+    holding rows)."""
+    start = jnp.minimum(c * chunk, tiles - chunk)
+    index = start + jnp.arange(chunk)
+    return start, (index >= c * chunk) & (index < used_tiles)
 
-    Each array is [tiles, ...]; `w` is what `fn` closes over (for typing the skipped branch).
-    Results are concatenated back to [tiles, ...]."""
-    chunk, n_chunks, (gs_chunks, *array_chunks) = _split_chunks(tiles, per_tile_elements,
-                                                                tile_group, *arrays)
 
-    def body(_, args):
-        c, gs, *xs = args
-        out_shape = jax.eval_shape(fn, gs, *xs)
-        out = jax.lax.cond(
-            c * chunk < used_tiles, fn,
-            lambda *a: _zeros_varying_like(out_shape.shape, out_shape.dtype, w, *a), gs, *xs)
-        return None, out
+def _loop_chunks(fn, tile_group, used_tiles, chunk: int, init, *arrays):
+    """`carry = fn(carry, start, owned, groups, *array_chunks)` for each chunk of `chunk` tiles
+    up to `used_tiles` (a while loop with a dynamic trip count: tiles past the routed rows cost
+    nothing). Each array is [tiles, ...]."""
+    tiles = tile_group.shape[0]
 
-    _, out = jax.lax.scan(body, None, (jnp.arange(n_chunks), gs_chunks, *array_chunks))
-    return out.reshape((n_chunks * chunk,) + out.shape[2:])[:tiles]
+    def body(c, carry):
+        start, owned = _chunk_starts(c, chunk, tiles, used_tiles)
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk)  # noqa: E731
+        return fn(carry, start, owned, take(tile_group), *map(take, arrays))
+
+    return jax.lax.fori_loop(0, (used_tiles + chunk - 1) // chunk, body, init)
+
+
+def _tile_products(product, tile_group, used_tiles, chunk: int, out_shape, dtype, w, xt):
+    """[tiles, tile, n] per-tile products `product(groups, x_chunk)`; tiles without rows are 0."""
+    def fn(out, start, owned, gs, xs):
+        return jax.lax.dynamic_update_slice_in_dim(out, product(gs, xs).astype(dtype), start, 0)
+
+    init = _zeros_varying_like(out_shape, dtype, w, xt, tile_group)
+    return _loop_chunks(fn, tile_group, used_tiles, chunk, init, xt)
 
 
 def _tile_forward(w, use_fp8: bool):
@@ -184,13 +195,10 @@ def _tile_dgrad(w, use_fp8: bool):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _gmm(x, w, tile_group, used_tiles, tile, use_fp8, out_dtype):
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
-    product = _tile_forward(w, use_fp8)
-
-    def fn(gs, xs):
-        return product(gs, xs).astype(out_dtype)
-
-    return _chunked(fn, tile_group, used_tiles, tiles, k * n, _array_of(w),
-                    x.reshape(tiles, tile, k)).reshape(x.shape[0], n)
+    y = _tile_products(_tile_forward(w, use_fp8), tile_group, used_tiles,
+                       _chunk_tiles(tiles, k * n), (tiles, tile, n), out_dtype, _array_of(w),
+                       x.reshape(tiles, tile, k))
+    return y.reshape(x.shape[0], n)
 
 
 def _array_of(w):
@@ -206,42 +214,30 @@ def _gmm_bwd(tile, use_fp8, out_dtype, res, dy):
     x, w, tile_group, used_tiles = res
     tiles, (k, n) = x.shape[0] // tile, w.shape[1:]
     xt, dyt = x.reshape(tiles, tile, k), dy.reshape(tiles, tile, n).astype(x.dtype)
-    dgrad = _tile_dgrad(w, use_fp8)
-
-    def dx_fn(gs, dys):
-        return dgrad(gs, dys).astype(x.dtype)
-
-    dx = _chunked(dx_fn, tile_group, used_tiles, tiles, k * n, _array_of(w), dyt).reshape(x.shape)
+    chunk = _chunk_tiles(tiles, k * n)
+    dx = _tile_products(_tile_dgrad(w, use_fp8), tile_group, used_tiles, chunk, (tiles, tile, k),
+                        x.dtype, _array_of(w), dyt).reshape(x.shape)
     if isinstance(w, f8.QuantizedWeight):  # stored FP8 weights are frozen
         return dx, jax.tree.map(jnp.zeros_like, w), None, None
-    dw = _weight_grad(xt, dyt, tile_group, used_tiles, w.shape[0], use_fp8)
+    dw = _weight_grad(xt, dyt, tile_group, used_tiles, w.shape[0], chunk, use_fp8)
     return dx, dw.astype(w.dtype), None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _weight_grad(xt, dyt, tile_group, used_tiles, groups: int, use_fp8: bool = False):
+def _weight_grad(xt, dyt, tile_group, used_tiles, groups: int, chunk: int, use_fp8: bool = False):
     """dW[g] = sum over g's tiles of x_t^T dy_t, accumulated chunk by chunk in fp32."""
-    tiles, _, k = xt.shape
+    _, _, k = xt.shape
     n = dyt.shape[-1]
-    chunk, n_chunks, (gs, xs, dys) = _split_chunks(tiles, k * n, tile_group, xt, dyt)
 
-    def body(dw, args):
-        c, g, x, dy = args
-
-        def add(dw):
-            if use_fp8:  # x^T dy with each tile's rows as one token tile
-                per_tile = jax.vmap(lambda a, b: f8.fp8_wgrad(a, b, a.shape[0]))(x, dy)
-            else:
-                per_tile = jnp.einsum("tmk,tmn->tkn", x, dy, preferred_element_type=jnp.float32)
-            return dw.at[g].add(per_tile)
-
-        return jax.lax.cond(c * chunk < used_tiles, add, lambda dw: dw, dw), None
+    def fn(dw, start, owned, gs, xs, dys):
+        if use_fp8:  # x^T dy with each tile's rows as one token tile
+            per_tile = jax.vmap(lambda a, b: f8.fp8_wgrad(a, b, a.shape[0]))(xs, dys)
+        else:
+            per_tile = jnp.einsum("tmk,tmn->tkn", xs, dys, preferred_element_type=jnp.float32)
+        per_tile = jnp.where(owned[:, None, None], per_tile, 0)
+        return dw.at[gs].add(per_tile, indices_are_sorted=True)
 
     dw0 = _zeros_varying_like((groups, k, n), jnp.float32, xt, dyt, tile_group)
-    dw, _ = jax.lax.scan(body, dw0, (jnp.arange(n_chunks), gs, xs, dys))
-    return dw
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+    return _loop_chunks(fn, tile_group, used_tiles, chunk, dw0, xt, dyt)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Int
 
-from dsv3_jax.model import Transformer
+from dsv3_jax.model import Transformer, unrolled_for_training
 from dsv3_jax.train.balance import load_imbalance, update_routing_bias
 from dsv3_jax.train.losses import lm_loss, weight_sums
 from sharding.pipeline import pipeline_forward, pipeline_stages
@@ -60,7 +60,7 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
                                       segment_ids=seg, denominators=denominators, forward=fwd)
         return total, (parts, out.expert_counts, out.mtp_expert_counts)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(unrolled_for_training()(loss_fn), has_aux=True)
     if k == 1:
         seg = None if segment_ids is None else segment_ids[0]
         (_, (parts, counts, mtp_counts)), grads = grad_fn(params, batches[0], seg)
