@@ -45,6 +45,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prefill long prompts N tokens per scheduler step, decoding the other "
                         "requests in between (default: whole prompts at once)")
+    p.add_argument("--no-precompile", action="store_true",
+                   help="compile the engine's programs lazily, on first use, instead of every prefill "
+                        "and decode bucket before serving (--port)")
     p.add_argument("--no-speculative", action="store_true",
                    help="no MTP speculative decoding (default: on when the model has an MTP layer)")
     return p.parse_args(argv)
@@ -85,9 +88,13 @@ def main(argv=None) -> None:
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.port is not None:
         t0 = time.perf_counter()
-        for _ in range(2):  # compile prefill and decode before serving (the second call: the
-            engine.generate([[0]], max_new_tokens=2)  # cache as its jitted steps return it)
-        log(f"warmed up in {time.perf_counter() - t0:.1f}s")
+        if args.no_precompile:
+            for _ in range(2):  # compile one prefill and decode before serving (the second call:
+                engine.generate([[0]], max_new_tokens=2)  # the cache as its jitted steps return it)
+            log(f"warmed up in {time.perf_counter() - t0:.1f}s (other buckets compile on first use)")
+        else:
+            n = engine.precompile()
+            log(f"compiled {n} prefill and decode programs in {time.perf_counter() - t0:.1f}s")
         engine.start()
         try:
             serve_http(OpenAIAPI(engine, tokenizer=tokenizer, chat_template=template, model_name=name,

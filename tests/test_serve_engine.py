@@ -288,8 +288,9 @@ def test_chained_steps_drop_tokens_past_a_stop(tiny, tiny_engine):
     steps = e.stats()["decode_steps"] - steps0
     assert 39 <= steps <= 41
     # per-slot inputs go to the device only when the slots change (3 arrays, 10 more for the
-    # sampling parameters and penalties after an admission), not every step (3 x 40)
-    assert len(puts) <= 40, len(puts)
+    # sampling parameters and penalties after an admission or when the slots a step covers
+    # change), not every step (3 x 40)
+    assert len(puts) <= 50, len(puts)
 
 
 def test_stop_strings_decode_a_bounded_tail(tiny, tiny_engine):

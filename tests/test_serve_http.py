@@ -66,7 +66,10 @@ class ServerProcess:
     """`serve.py --port 0 ...` in a subprocess; the port is read from its log line."""
 
     def __init__(self, args: list[str], env: dict):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), *args, "--port", "0"],
+        # --no-precompile: every bucket up front is minutes of compiles on CI's 2 cores
+        # (tests/test_serve_prefill.py checks precompile on a short context)
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), *args, "--port", "0",
+                                      "--no-precompile"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=env)
         self.log: list[str] = []

@@ -110,13 +110,16 @@ def streamed_ids(events, index=0):
 
 def test_echo_prompt_logprobs_are_the_models_log_softmax(server, forward):
     """lm-eval local-completions' loglikelihood request, read as lm-eval reads it."""
-    srv, _ = server
-    prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+    srv, engine = server
+    context = list(range(100, 120))  # lm-eval: continuations of one context (prefix cache hits)
+    prompts = [[5, 6, 7, 8, 9, 10], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50],
+               context + [7], context + [8, 9], context + [10, 11, 12]]
+    hits = engine.stats()["prefix_cache_hit_tokens"]
     status, out = post(srv.server_port, "/v1/completions",
                        {"model": "tiny", "prompt": prompts, "echo": True, "logprobs": 1,
                         "max_tokens": 1, "temperature": 0, "seed": 1234})
     assert status == 200, out
-    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3, 4]
     for p, choice in zip(prompts, out["choices"]):
         lp = choice["logprobs"]
         ref = _log_softmax(forward(p))
@@ -133,6 +136,7 @@ def test_echo_prompt_logprobs_are_the_models_log_softmax(server, forward):
         # lm-eval: sum(token_logprobs[ctxlen:-1]) over the continuation
         ctxlen = 2
         assert sum(lp["token_logprobs"][ctxlen:-1]) == pytest.approx(sum(want[ctxlen - 1:]), abs=1e-4)
+    assert engine.stats()["prefix_cache_hit_tokens"] - hits >= 2 * 19
     # max_tokens 0: the prompt's logprobs only
     status, out = post(srv.server_port, "/v1/completions",
                        {"prompt": prompts[0], "echo": True, "logprobs": 0, "max_tokens": 0})

@@ -74,3 +74,18 @@ def test_requests_decode_between_the_chunks_of_a_long_prompt():
 def test_prefill_chunk_must_be_positive():
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         Engine(init_model(TINY, seed=0), max_seq_len=T, max_batch=1, prefill_chunk=0)
+
+
+def test_precompile_covers_what_serving_calls():
+    """After `Engine.precompile()` requests of any length and batch (echo included) compile
+    nothing more; idle slots past the busy ones are left out of decode steps."""
+    from dsv3_jax import ModelConfig, init_model
+    from dsv3_jax.serve.engine import Engine, SamplingParams
+    cfg = ModelConfig.from_json(FIXTURES / "v3_mtp").replace(max_position_embeddings=64)
+    engine = Engine(init_model(cfg, seed=1), max_seq_len=16, max_batch=2, speculative=False)
+    assert engine.precompile() == 2 * 2 + 2  # prefill: length 16 x rows 1, 2 x echo; decode: k 1, 2
+    sizes = engine._prefill_fn._cache_size(), engine._decode_fn._cache_size()
+    reqs = [engine.submit(list(range(3, 3 + n)), SamplingParams(max_new_tokens=4, prompt_logprobs=e))
+            for n, e in [(5, None), (10, 1), (2, None)]]
+    assert all(len(r.result()) == 4 for r in reqs)
+    assert (engine._prefill_fn._cache_size(), engine._decode_fn._cache_size()) == sizes

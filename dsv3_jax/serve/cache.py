@@ -85,3 +85,19 @@ def write(cache: DecodeCache, entries: DecodeCache, rows: Int[Array, "b"],
         c, e = getattr(cache, name), getattr(entries, name)
         out[name] = c if c is None or e is None else _write_one(c, e, rows, positions, stacked)
     return DecodeCache(**out)
+
+
+def copy_prefix(cache: DecodeCache, src: Int[Array, ""], dst: Int[Array, ""],
+                length: Int[Array, ""]) -> DecodeCache:
+    """Slot `dst` gets slot `src`'s entries at positions [0, length) (prefix caching: a prompt
+    that starts like one already in the cache reuses its rows). Donate `cache` to do it in place."""
+    def one(a, stacked: bool):
+        keep = (jnp.arange(a.shape[-2]) < length)[:, None]
+        row = jnp.where(keep, a[..., src, :, :], a[..., dst, :, :])
+        return constrain(a.at[..., dst, :, :].set(row), STACK_AXES if stacked else MTP_AXES)
+
+    out = {}
+    for name, stacked in (("dense", True), ("moe", True), ("mtp", False)):
+        c = getattr(cache, name)
+        out[name] = None if c is None else LatentCache(one(c.c_kv, stacked), one(c.k_pe, stacked))
+    return DecodeCache(**out)

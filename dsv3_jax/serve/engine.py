@@ -34,6 +34,7 @@ from flax import nnx
 from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import steps
 from dsv3_jax.serve.penalties import History
+from dsv3_jax.serve.prefix_cache import PrefixIndex
 from dsv3_jax.serve.request import QueueFull, Request, RequestError, SamplingParams, validate
 from dsv3_jax.serve.sampling import SamplingArrays
 from sharding.rules import batch_axes
@@ -78,7 +79,7 @@ class Engine:
     def __init__(self, model, *, max_seq_len: int, max_batch: int, mesh=None,
                  speculative: bool | None = None, max_queue: int = 256,
                  detokenize: Callable[[list[int]], str] | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_cache: bool = True):
         cfg = self.cfg = model.cfg
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch ({max_batch}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
@@ -104,6 +105,9 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self._weights, treedef = jax.tree.flatten(self._state)  # what the steps take
         self._prefill_fn, self._decode_fn, self._spec_fn = steps.jitted(self._graphdef, treedef)
+        self._prefix = PrefixIndex(max_batch) if prefix_cache else None
+        self._copy_fn = jax.jit(kv.copy_prefix, donate_argnums=0)
+        self._begin_fn = jax.jit(History.begin, donate_argnums=0)
         self._reset_device_state()
         B = max_batch
         self._slots: list[Request | None] = [None] * B
@@ -115,7 +119,7 @@ class Engine:
         self._presence, self._frequency = np.zeros(B, np.float32), np.zeros(B, np.float32)
         self._repetition, self._min_tokens = np.ones(B, np.float32), np.zeros(B, np.int32)
         self._bias, self._stop_mask = np.zeros((B, V), np.float32), np.zeros((B, V), bool)
-        self._sp_all = None  # the per-slot sampling arrays of a decode step, rebuilt on admission
+        self._sp_all = {}  # decode steps' per-slot sampling arrays by slots covered, rebuilt on admission
         self._inflight: _InFlight | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()            # queue and request hand-over
@@ -128,7 +132,7 @@ class Engine:
         # all keys up front: stats() may copy it from another thread while the scheduler counts
         self._stats = collections.Counter(dict.fromkeys(
             ("tokens_generated", "decode_steps", "prefills", "requests_finished", "drafted",
-             "accepted"), 0))
+             "accepted", "prefix_cache_hit_tokens", "prefix_cache_query_tokens"), 0))
 
     # -- public interface ------------------------------------------------------------------
 
@@ -174,6 +178,51 @@ class Engine:
                 if req is not None:
                     req._finish("cancelled")
                     self._slots[i] = None
+
+    def precompile(self, echo: bool = True) -> int:
+        """Compile every program serving can call (each prefill bucket: chunk length x batch
+        rows x cache window, with and without prompt logprobs if `echo`; each decode step:
+        slots covered x cache window) before serving, instead of on the engine thread while
+        requests wait. Each is run once on padding rows and idle slots, which write nothing.
+        Call before `start()`; returns the number of programs. With JAX's persistent
+        compilation cache (JAX_COMPILATION_CACHE_DIR) a restart loads them instead."""
+        with self._step_lock:
+            if any(r is not None for r in self._slots):
+                raise RuntimeError("precompile() needs an idle engine (call it before serving)")
+            B, T = self.max_batch, self.max_seq_len
+            lengths = sorted({min(max(MIN_PREFILL, 1 << i), T) for i in range(T.bit_length() + 1)})
+            rows = sorted({min(self.shards * _pow2_at_least(-(-n // self.shards)), B) for n in range(1, B + 1)})
+            windows = sorted({min(T, max(MIN_WINDOW, 1 << i)) for i in range(T.bit_length() + 1)})
+            chunked = self.prefill_chunk is not None
+            count = 0
+            for s in lengths:
+                for n in rows:
+                    sp = self._sampling(np.zeros(n, np.int32))
+                    for window in [0] + ([w for w in {_pow2_at_least(d + s) for d in range(1, T)}]
+                                         if chunked else []):
+                        for e in (False, True) if echo else (False,):
+                            z = np.zeros((n, s), np.int32)
+                            out = self._call(self._prefill_fn, self._weights, self._cache, self._drafts,
+                                             z, z, np.zeros(n, np.int32), np.ones(n, np.int32),
+                                             np.zeros(n, bool), np.full(n, B, np.int32), sp,
+                                             window=window, history=self._history, echo=e)
+                            _, _, self._cache, self._drafts, self._history, _ = out
+                            count += 1
+            for k in rows:
+                zeros = self._put(np.zeros(k, np.int32))
+                idle, sp = self._put(np.zeros(k, bool)), self._sampling(k=k)
+                for window in windows:
+                    if self.speculative:
+                        out = self._call(self._spec_fn, self._weights, self._cache, self._drafts,
+                                         zeros, zeros, idle, sp, window=window, history=self._history)
+                        self._cache, self._drafts, self._history = out[2], out[3], out[7]
+                    else:
+                        out = self._call(self._decode_fn, self._weights, self._cache, zeros, zeros,
+                                         idle, sp, window=window, history=self._history)
+                        self._cache, self._history = out[2], out[4]
+                    count += 1
+            jax.block_until_ready(self._cache)
+            return count
 
     @property
     def healthy(self) -> bool:
@@ -248,8 +297,7 @@ class Engine:
                 self._prefilling.pop(i, None)
         if self._queue and None in self._slots:
             self._drain()  # an admission changes the slots: read the step in flight first
-        for slot, _ in self._admit():
-            self._prefilling[slot] = 0
+        self._admit()
         prefilled = bool(self._prefilling)
         if prefilled:
             self._prefill()
@@ -273,18 +321,36 @@ class Engine:
             req._finish("cancelled")
 
     def _admit(self) -> list[tuple[int, Request]]:
+        """Queued requests into free slots (the lowest first, or the one holding the longest
+        usable prefix of the prompt), marked as prefilling from the prefix they reuse. A prompt
+        that shares a longer prefix with one being prefilled right now waits for it."""
         free = [i for i, r in enumerate(self._slots) if r is None]
-        out = []
+        out, waiting = [], []
+        coming = [(self._slots[s].prompt, self._slots[s].params.prompt_logprobs) for s in self._prefilling]
         with self._lock:
             while free and self._queue:
                 req = self._queue.popleft()
                 if req._cancelled:
                     req._finish("cancelled")
                     continue
-                slot = free.pop(0)
+                src, length = None, 0
+                if self._prefix is not None:
+                    need = req.params.prompt_logprobs
+                    src, length = self._prefix.best(req.prompt, need, prefer=free)
+                    if self._prefix.wait_for(req.prompt, length, coming, need):
+                        waiting.append(req)
+                        continue
+                slot = src if src in free else free[0]
+                free.remove(slot)
                 self._slots[slot] = req
-                out.append((slot, req))
-        for slot, req in out:
+                records = None if src is None else self._prefix.records[src]  # before any is reused
+                out.append((slot, req, src, length, records))
+                coming.append((req.prompt, req.params.prompt_logprobs))
+            self._queue.extendleft(reversed(waiting))
+        for slot, req, src, length, records in out:
+            self._prefilling[slot] = length
+            if self._prefix is not None:
+                self._reuse_prefix(slot, req, src, length, records)
             p = req.params
             self._temperature[slot] = p.temperature
             self._top_k[slot] = p.top_k or 0
@@ -298,14 +364,36 @@ class Engine:
             self._stop_mask[slot] = False
             self._stop_mask[slot, list(p.stop_token_ids)] = True
         if out:
-            self._sp_all = None
-        return out
+            self._sp_all = {}
+        return [(slot, req) for slot, req, *_ in out]
 
-    def _sampling(self, rows=None) -> SamplingArrays:
-        if rows is None:  # every slot, for decode steps: kept on the device
-            if self._sp_all is None:
-                self._sp_all = jax.tree.map(self._put, self._sampling(np.arange(self.max_batch)))
-            return self._sp_all
+    def _reuse_prefix(self, slot: int, req: Request, src: int | None, length: int, records) -> None:
+        """Give `slot` the first `length` cached positions of slot `src` (dsv3_jax/serve/prefix_cache.py)."""
+        self._stats["prefix_cache_query_tokens"] += len(req.prompt)
+        if not length:
+            self._prefix.clear(slot)
+            return
+        self._stats["prefix_cache_hit_tokens"] += length
+        k = req.params.prompt_logprobs
+        if k is not None:
+            req.prompt_logprobs = [None] + [(lp, ids[:k], lps[:k]) for lp, ids, lps in
+                                            records[1][1:length + 1]]
+        if src != slot:
+            self._cache = self._call(self._copy_fn, self._cache, np.int32(src), np.int32(slot),
+                                     np.int32(length))
+        self._prefix.set(slot, req.prompt[:length])
+        prefix = np.zeros(_pow2_at_least(length), np.int32)
+        prefix[:length] = req.prompt[:length]
+        self._history = self._call(self._begin_fn, self._history, np.int32(slot), prefix, np.int32(length))
+
+    def _sampling(self, rows=None, k: int | None = None) -> SamplingArrays:
+        """The sampling arrays of `rows`, or of the first `k` slots for a decode step (kept on
+        the device until the next admission)."""
+        if rows is None:
+            k = self.max_batch if k is None else k
+            if k not in self._sp_all:
+                self._sp_all[k] = jax.tree.map(self._put, self._sampling(np.arange(k)))
+            return self._sp_all[k]
         return SamplingArrays(self._temperature[rows], self._top_k[rows], self._top_p[rows],
                               self._seed[rows], self._presence[rows], self._frequency[rows],
                               self._repetition[rows], self._min_tokens[rows], self._bias[rows],
@@ -346,6 +434,8 @@ class Engine:
             raise error
         if len(group) == 1:
             slot = group[0][0]
+            if self._prefix is not None:
+                self._prefix.clear(slot)
             self._slots[slot]._finish("error", f"{type(error).__name__}: {error}")
             self._slots[slot] = None
             self._prefilling.pop(slot, None)
@@ -395,6 +485,9 @@ class Engine:
                 m = min(n, len(req.prompt) - 1 - done)  # positions whose next token is in the prompt
                 req.prompt_logprobs += [(float(chosen[i, j]), top_ids[i, j, :k].tolist(),
                                          top_lps[i, j, :k].tolist()) for j in range(m)]
+            if self._prefix is not None:
+                self._prefix.set(slot, req.prompt[:done + n],
+                                 None if k is None else (k, req.prompt_logprobs))
             if not final[i]:
                 self._prefilling[slot] = done + n
                 continue
@@ -425,16 +518,23 @@ class Engine:
         act = np.array([r is not None for r in reqs])
         if not act.any():
             return
+        # the step covers the first k slots, a bucket past the last busy one (admission fills
+        # the lowest free slots), so idle slots beyond cost nothing
+        k = self._slots_bucket(int(np.flatnonzero(act)[-1]) + 1)
+        if prev is not None and len(prev.requests) != k:
+            self._drain()
+            prev = None
+        act, reqs = act[:k], reqs[:k]
         if prev is not None:
             last, pos, active, lag = prev.last, prev.pos, prev.active, prev.advance
         else:
-            last, pos = (self._put(np.where(act, a, 0).astype(np.int32)) for a in (self._last, self._pos))
+            last, pos = (self._put(np.where(act, a[:k], 0).astype(np.int32)) for a in (self._last, self._pos))
             active, lag = self._put(act), 0
-        sp = self._sampling()
+        sp = self._sampling(k=k)
         # attend over a power-of-two prefix covering every slot's cached positions, so a step
         # costs what the longest context needs, not max_seq_len (one compile per window); the
         # host's positions lag the device's by the step in flight
-        furthest = int(self._pos[act].max()) + lag
+        furthest = int(self._pos[:k][act].max()) + lag
         window = min(self.max_seq_len, max(MIN_WINDOW, _pow2_at_least(furthest + 1)))
         if self.speculative:
             tokens, accepted, self._cache, self._drafts, last, pos, logits, self._history = self._call(
@@ -453,20 +553,25 @@ class Engine:
         self._drain()  # read the previous step while this one runs
         self._inflight = _InFlight(reqs, tokens, accepted, last, pos, active, advance, lps)
 
+    def _slots_bucket(self, n: int) -> int:
+        """The decode batch for the first `n` slots: a power of two times the batch shards."""
+        return min(self.max_batch, self.shards * _pow2_at_least(-(-n // self.shards)))
+
     def _drain(self) -> None:
         """Read the step in flight and commit its tokens to the requests still in their slots."""
         f, self._inflight = self._inflight, None
         if f is None:
             return
-        tokens = np.asarray(f.tokens).reshape(self.max_batch, -1)
-        accepted = np.zeros(self.max_batch, bool) if f.accepted is None else np.asarray(f.accepted)
+        k = len(f.requests)
+        tokens = np.asarray(f.tokens).reshape(k, -1)
+        accepted = np.zeros(k, bool) if f.accepted is None else np.asarray(f.accepted)
         records = None
         if f.logprobs is not None:
             per_slot = tokens.shape[1]
             chosen, top_ids, top_lps = (np.asarray(a) for a in f.logprobs)
-            chosen = chosen.reshape(self.max_batch, per_slot)
-            top_ids = top_ids.reshape(self.max_batch, per_slot, -1)
-            top_lps = top_lps.reshape(self.max_batch, per_slot, -1)
+            chosen = chosen.reshape(k, per_slot)
+            top_ids = top_ids.reshape(k, per_slot, -1)
+            top_lps = top_lps.reshape(k, per_slot, -1)
             records = (chosen, top_ids, top_lps)
         for slot, req in enumerate(f.requests):
             if req is None or self._slots[slot] is not req:
@@ -503,6 +608,8 @@ class Engine:
                                          kv.zeros((B, self.cfg.vocab_size), jnp.float32,
                                                   ("batch", None), self.mesh))
                         if self.speculative else None)
+        if getattr(self, "_prefix", None) is not None:
+            self._prefix.clear()  # the rows it knows are gone
         self._history = History(kv.zeros((B, self.cfg.vocab_size), jnp.int32, ("batch", None), self.mesh),
                                 kv.zeros((B, self.cfg.vocab_size), jnp.bool_, ("batch", None), self.mesh))
 

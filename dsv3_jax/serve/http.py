@@ -261,31 +261,40 @@ class App:
         disconnects: the finally cancels the engine requests."""
         self.active += 1
         try:
-            offsets = {c.index: 0 for c in choices}
-            async for c, ids, text, lps in self._updates(choices):
-                if not c.started:
-                    c.started = True
-                    if job.chat:
-                        yield _event(self.api.chunk(job, c, None, [], [], role=True))
-                    echo_text, echo_ids, echo_lps = self.api.echo(job, c)
-                    if echo_ids:
-                        yield _event(self.api.chunk(job, c, echo_text, echo_ids, list(echo_lps)))
-                        offsets[c.index] = len(echo_text)
-                if ids or text:
-                    yield _event(self.api.chunk(job, c, text, ids, lps, offset=offsets[c.index]))
-                    offsets[c.index] += len(text)
-                if c.done:
-                    if c.reason in ("error", "timeout", "shutdown"):
-                        yield _event(self._failure(c).body())
-                    else:
-                        yield _event(self.api.chunk(job, c, None, [], [], finish=c.reason))
-            if job.include_usage:
-                yield _event({**self.api.head(job, True), "choices": [],
-                              "usage": self.api.usage(job, choices)})
+            try:
+                async for event in self._events(job, choices):
+                    yield event
+            except Exception as e:  # noqa: BLE001 -- the headers are out: an error event, not a 500
+                yield _event(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                      type="server_error", code="internal_error").body())
             yield b"data: [DONE]\n\n"
         finally:
             self.active -= 1
             self._cancel(choices)
+
+    async def _events(self, job: Job, choices: list[ChoiceStream]):
+        """The stream's events before `[DONE]`."""
+        offsets = {c.index: 0 for c in choices}
+        async for c, ids, text, lps in self._updates(choices):
+            if not c.started:
+                c.started = True
+                if job.chat:
+                    yield _event(self.api.chunk(job, c, None, [], [], role=True))
+                echo_text, echo_ids, echo_lps = self.api.echo(job, c)
+                if echo_ids:
+                    yield _event(self.api.chunk(job, c, echo_text, echo_ids, list(echo_lps)))
+                    offsets[c.index] = len(echo_text)
+            if ids or text:
+                yield _event(self.api.chunk(job, c, text, ids, lps, offset=offsets[c.index]))
+                offsets[c.index] += len(text)
+            if c.done:
+                if c.reason in ("error", "timeout", "shutdown"):
+                    yield _event(self._failure(c).body())
+                else:
+                    yield _event(self.api.chunk(job, c, None, [], [], finish=c.reason))
+        if job.include_usage:
+            yield _event({**self.api.head(job, True), "choices": [],
+                          "usage": self.api.usage(job, choices)})
 
 
 def make_app(api: OpenAIAPI, limits: Limits = Limits()) -> App:

@@ -44,6 +44,14 @@ class History:
         r = jnp.where(mask, rows, self.counts.shape[0])
         return History(self.counts.at[r, tokens].add(1, mode="drop"), self.prompt).pinned()
 
+    def begin(self, slot: Int[Array, ""], prefix: Int[Array, "s"], length: Int[Array, ""]) -> "History":
+        """Slot `slot` starts a request whose first `length` prompt tokens `prefix[:length]` come
+        from the prefix cache (its prefill then starts at `length`, so it does not clear the slot)."""
+        counts = self.counts.at[slot].set(0)
+        ids = jnp.where(jnp.arange(prefix.shape[0]) < length, prefix, self.counts.shape[1])
+        prompt = self.prompt.at[slot].set(False).at[slot, ids].set(True, mode="drop")
+        return History(counts, prompt).pinned()
+
     def rows(self, rows: Int[Array, "n"]) -> "History":
         """Slots `rows` (a padding row, == batch, reads the last slot: its results are dropped)."""
         rows = jnp.minimum(rows, self.counts.shape[0] - 1)

@@ -51,9 +51,24 @@ class DraftState:
 jax.tree_util.register_dataclass(DraftState, data_fields=["token", "q"], meta_fields=[])
 
 
-def _window(cache: DecodeCache, window: int) -> DecodeCache:
-    """The first `window` positions of every slot: a step reads only as far as any slot has got."""
-    return jax.tree.map(lambda a: a[..., :window, :], cache)
+def _window(cache: DecodeCache, window: int, slots: int | None = None) -> DecodeCache:
+    """The first `window` positions of the first `slots` slots (all by default): a step reads
+    only as far as any slot has got, and only the slots that can hold a request."""
+    return jax.tree.map(lambda a: a[..., :slots, :window, :], cache)
+
+
+def _cache_slots(cache: DecodeCache) -> int:
+    return jax.tree.leaves(cache)[0].shape[-3]
+
+
+def _lead(x, k: int):
+    """The first k slots of a per-slot array (all of them when k covers it)."""
+    return x if x.shape[0] == k else x[:k]
+
+
+def _put_lead(full, part):
+    """`full` with its first rows replaced by `part`."""
+    return part if full.shape[0] == part.shape[0] else full.at[:part.shape[0]].set(part)
 
 
 def _at(x: Float[Array, "b s d"], index: Int[Array, "b"]) -> Float[Array, "b 1 d"]:
@@ -133,17 +148,26 @@ def decode(structure, weights, cache: DecodeCache, last: Int[Array, "b"], pos: I
            active, sp: SamplingArrays, *, window: int, history: History | None = None):
     """Feed each slot's last token at its position (all < window); returns (next token per
     slot, logits, cache, the next step's positions). The token and positions are the next
-    step's `last` and `pos`, so steps can be chained on the device."""
+    step's `last` and `pos`, so steps can be chained on the device.
+
+    The per-slot inputs may cover only the first k slots (k = len(last) <= the cache's slots):
+    then the step computes those alone, so idle slots past them cost nothing."""
     model = _merge(structure, weights)
+    k, b = last.shape[0], _cache_slots(cache)
     positions = pos[:, None]
-    hidden, entries = model.decode(last[:, None], positions, _window(cache, window))
+    hidden, entries = model.decode(last[:, None], positions, _window(cache, window, k))
     logits = model.head(hidden)[:, 0]
     if history is not None:
-        logits = penalize(logits, sp, history)
+        mine = History(_lead(history.counts, k), _lead(history.prompt, k))
+        logits = penalize(logits, sp, mine)
     token = constrain(sample(logits, sp, pos + 1), ("batch",))
-    rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
+    rows = jnp.where(active, jnp.arange(k), b)
     out = token, logits, kv.write(cache, entries, rows, positions), constrain(pos + 1, ("batch",))
-    return out if history is None else (*out, history.add(token, active).pinned())
+    if history is None:
+        return out
+    mine = mine.add(token, active)
+    return (*out, History(_put_lead(history.counts, mine.counts),
+                          _put_lead(history.prompt, mine.prompt)).pinned())
 
 
 def speculative_decode(structure, weights, cache: DecodeCache, drafts: DraftState, last: Int[Array, "b"],
@@ -152,10 +176,16 @@ def speculative_decode(structure, weights, cache: DecodeCache, drafts: DraftStat
     """Verify each slot's draft and draft again (dsv3_jax/serve/speculative.py); positions < window.
 
     Returns (tokens [b, 2] for positions p + 1, p + 2; accepted [b]: the second token counts
-    only when true; cache; the new drafts; the next step's `last` and `pos`)."""
+    only when true; cache; the new drafts; the next step's `last` and `pos`). Like `decode`,
+    the per-slot inputs may cover only the first k slots."""
     model = _merge(structure, weights)
+    k, b = last.shape[0], _cache_slots(cache)
+    all_drafts, all_history = drafts, history
+    drafts = DraftState(_lead(drafts.token, k), _lead(drafts.q, k))
+    if history is not None:
+        history = History(_lead(history.counts, k), _lead(history.prompt, k))
     positions = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
-    view = _window(cache, window)
+    view = _window(cache, window, k)
     hidden, entries = model.decode(jnp.stack([last, drafts.token], axis=1), positions, view)
     logits = model.head(hidden)
     if history is not None:  # the bonus token's logits follow the draft, counted as generated
@@ -171,11 +201,16 @@ def speculative_decode(structure, weights, cache: DecodeCache, drafts: DraftStat
         history = history.add(tokens[:, 0], active).add(tokens[:, 1], active & accepted)
         mtp_logits = penalize(mtp_logits, sp, history)
     token, q = speculative.draft(mtp_logits, sp, pos + 2 + n_new)
-    rows = jnp.where(active, jnp.arange(last.shape[0]), last.shape[0])
+    rows = jnp.where(active, jnp.arange(k), b)
     next_last = constrain(jnp.take_along_axis(tokens, n_new[:, None], axis=1)[:, 0], ("batch",))
-    out = (tokens, accepted, kv.write(cache, entries, rows, positions), DraftState(token, q).pinned(),
+    drafts = DraftState(_put_lead(all_drafts.token, token), _put_lead(all_drafts.q, q)).pinned()
+    out = (tokens, accepted, kv.write(cache, entries, rows, positions), drafts,
            next_last, constrain(pos + 1 + n_new, ("batch",)))
-    return out if history is None else (*out, logits.astype(jnp.float32), history.pinned())
+    if history is None:
+        return out
+    history = History(_put_lead(all_history.counts, history.counts),
+                      _put_lead(all_history.prompt, history.prompt))
+    return (*out, logits.astype(jnp.float32), history.pinned())
 
 
 _JITTED: collections.OrderedDict = collections.OrderedDict()
