@@ -329,3 +329,39 @@ def test_sigterm_drains_then_ends_streams_with_done(model):
     finally:
         srv.shutdown()
         engine.shutdown()
+
+
+def test_a_slow_body_times_out(model):
+    """A client that stops sending its body mid-way gets a 408, not a handler held forever."""
+    from dsv3_jax.serve.api import OpenAIAPI
+    from dsv3_jax.serve.engine import Engine
+    from dsv3_jax.serve.http import Limits, Server
+    engine = Engine(model, max_seq_len=CONTEXT, max_batch=1)
+    srv = Server(OpenAIAPI(engine), "127.0.0.1", 0, limits=Limits(body_timeout=0.3),
+                 log=lambda m: None).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.server_port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+            assert b" 408 " in sock.recv(4096).split(b"\r\n")[0] + b" "
+    finally:
+        srv.shutdown()
+
+
+def test_the_official_openai_client(server):
+    """The `openai` package (when installed): completions with logprobs, echo and n, batched
+    prompts, chat with logprobs, streaming."""
+    openai = pytest.importorskip("openai")
+    srv, _ = server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_port}/v1", api_key="-", max_retries=0)
+    out = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=3, n=2,
+                                    logprobs=2, echo=True, temperature=0.5, seed=3,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == 3 + 3
+    assert len(lp.top_logprobs[1]) >= 2 and out.usage.completion_tokens == 12
+    events = list(client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert events[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        client.completions.create(model="tiny", prompt=[1], extra_body={"top_k": 2**31})

@@ -3,9 +3,10 @@
 POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
 `"stream": true`, ending `data: [DONE]`), POST /tokenize and /detokenize, GET /v1/models,
 /health (503 when the engine cannot step) and /metrics (Prometheus text). Errors are
-OpenAI-shaped, `{"error": {"message", "type", "code", "param"}}`: 400, 404, 405, 413 (body over
-`Limits.max_body_bytes`), 429 (engine queue full), 503 (over `Limits.max_concurrency`, or
-shutting down), 504 (past `Limits.generation_timeout`), 500. Once an event stream's headers
+OpenAI-shaped, `{"error": {"message", "type", "code", "param"}}`: 400, 404, 405, 408 (body
+slower than `Limits.body_timeout`), 413 (body over `Limits.max_body_bytes`), 429 (engine queue
+full), 503 (over `Limits.max_concurrency`, or shutting down), 504 (past
+`Limits.generation_timeout`), 500. Once an event stream's headers
 are out, an error is sent as an `{"error": ...}` event followed by `data: [DONE]`.
 
 Waiting costs no thread: each engine request calls back into the event loop when it has news
@@ -47,6 +48,7 @@ class Limits:
     max_concurrency: int = 512          # requests being answered at once (then 503)
     generation_timeout: float = 600.0   # seconds a request may generate (then 504 / error event)
     keep_alive_timeout: float = 30.0    # seconds an idle keep-alive connection stays open
+    body_timeout: float = 30.0          # seconds a client may take to send its request body (408)
     drain_seconds: float = 30.0         # on SIGTERM: how long running requests may finish
 
 
@@ -120,7 +122,11 @@ class App:
             if path == "/metrics":
                 body, content_type = self.metrics.render()
                 return Response(body, media_type=content_type)
-            body = await self._body(request)
+            try:
+                body = await asyncio.wait_for(self._body(request), self.limits.body_timeout)
+            except TimeoutError:
+                raise APIError(408, f"the request body did not arrive within "
+                               f"{self.limits.body_timeout}s", code="timeout") from None
             if path == "/tokenize":
                 return JSONResponse(self._tokenize(body))
             if path == "/detokenize":
