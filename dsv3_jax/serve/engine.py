@@ -16,6 +16,14 @@ tokens while n + 1 runs, so the host's dispatch and bookkeeping overlap the devi
 CPU dispatch costs about as much as a small model's step). A request that stops at step n has
 had step n + 1 computed for it too; that token is dropped. A change of slots (admission, a
 finished or cancelled request) first reads the step in flight.
+
+Admission fills the lowest free slots, and a decode step covers only the slots up to a bucket
+past the last busy one. A prompt that starts like one still in the cache reuses its rows
+(dsv3_jax/serve/prefix_cache.py). Penalties and logprobs are computed on the device from a
+per-slot token history (dsv3_jax/serve/penalties.py). A prefill that fails is retried one
+prompt at a time, so a failure finishes only the request that causes it; a step that fails
+otherwise fails the active requests and reallocates the cache, and HEALTH_FAILURES such steps
+in a row make `healthy` false (HTTP /health 503).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import steps
 from dsv3_jax.serve.penalties import History
 from dsv3_jax.serve.prefix_cache import PrefixIndex
+from dsv3_jax.serve.slot_params import SlotParams
 from dsv3_jax.serve.request import QueueFull, Request, RequestError, SamplingParams, validate
 from dsv3_jax.serve.sampling import SamplingArrays
 from sharding.rules import batch_axes
@@ -113,13 +122,8 @@ class Engine:
         self._slots: list[Request | None] = [None] * B
         self._prefilling: dict[int, int] = {}  # slot -> prompt tokens in its cache so far
         self._last, self._pos = np.zeros(B, np.int32), np.zeros(B, np.int32)
-        self._temperature, self._top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
-        self._top_k, self._seed = np.zeros(B, np.int32), np.zeros(B, np.uint32)
-        V = cfg.vocab_size
-        self._presence, self._frequency = np.zeros(B, np.float32), np.zeros(B, np.float32)
-        self._repetition, self._min_tokens = np.ones(B, np.float32), np.zeros(B, np.int32)
-        self._bias, self._stop_mask = np.zeros((B, V), np.float32), np.zeros((B, V), bool)
-        self._sp_all = {}  # decode steps' per-slot sampling arrays by slots covered, rebuilt on admission
+        # per-slot sampling parameters; `self._put` looked up per call (tests count its calls)
+        self._params = SlotParams(B, cfg.vocab_size, lambda host: self._put(host))
         self._inflight: _InFlight | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()            # queue and request hand-over
@@ -180,49 +184,11 @@ class Engine:
                     self._slots[i] = None
 
     def precompile(self, echo: bool = True) -> int:
-        """Compile every program serving can call (each prefill bucket: chunk length x batch
-        rows x cache window, with and without prompt logprobs if `echo`; each decode step:
-        slots covered x cache window) before serving, instead of on the engine thread while
-        requests wait. Each is run once on padding rows and idle slots, which write nothing.
-        Call before `start()`; returns the number of programs. With JAX's persistent
-        compilation cache (JAX_COMPILATION_CACHE_DIR) a restart loads them instead."""
+        """Compile every program serving can call before serving (dsv3_jax/serve/precompile.py);
+        returns how many. Call before `start()`."""
+        from dsv3_jax.serve.precompile import precompile
         with self._step_lock:
-            if any(r is not None for r in self._slots):
-                raise RuntimeError("precompile() needs an idle engine (call it before serving)")
-            B, T = self.max_batch, self.max_seq_len
-            lengths = sorted({min(max(MIN_PREFILL, 1 << i), T) for i in range(T.bit_length() + 1)})
-            rows = sorted({min(self.shards * _pow2_at_least(-(-n // self.shards)), B) for n in range(1, B + 1)})
-            windows = sorted({min(T, max(MIN_WINDOW, 1 << i)) for i in range(T.bit_length() + 1)})
-            chunked = self.prefill_chunk is not None
-            count = 0
-            for s in lengths:
-                for n in rows:
-                    sp = self._sampling(np.zeros(n, np.int32))
-                    for window in [0] + ([w for w in {_pow2_at_least(d + s) for d in range(1, T)}]
-                                         if chunked else []):
-                        for e in (False, True) if echo else (False,):
-                            z = np.zeros((n, s), np.int32)
-                            out = self._call(self._prefill_fn, self._weights, self._cache, self._drafts,
-                                             z, z, np.zeros(n, np.int32), np.ones(n, np.int32),
-                                             np.zeros(n, bool), np.full(n, B, np.int32), sp,
-                                             window=window, history=self._history, echo=e)
-                            _, _, self._cache, self._drafts, self._history, _ = out
-                            count += 1
-            for k in rows:
-                zeros = self._put(np.zeros(k, np.int32))
-                idle, sp = self._put(np.zeros(k, bool)), self._sampling(k=k)
-                for window in windows:
-                    if self.speculative:
-                        out = self._call(self._spec_fn, self._weights, self._cache, self._drafts,
-                                         zeros, zeros, idle, sp, window=window, history=self._history)
-                        self._cache, self._drafts, self._history = out[2], out[3], out[7]
-                    else:
-                        out = self._call(self._decode_fn, self._weights, self._cache, zeros, zeros,
-                                         idle, sp, window=window, history=self._history)
-                        self._cache, self._history = out[2], out[4]
-                    count += 1
-            jax.block_until_ready(self._cache)
-            return count
+            return precompile(self, echo)
 
     @property
     def healthy(self) -> bool:
@@ -351,20 +317,7 @@ class Engine:
             self._prefilling[slot] = length
             if self._prefix is not None:
                 self._reuse_prefix(slot, req, src, length, records)
-            p = req.params
-            self._temperature[slot] = p.temperature
-            self._top_k[slot] = p.top_k or 0
-            self._top_p[slot] = 1.0 if p.top_p is None else p.top_p
-            self._seed[slot] = p.seed % (1 << 32)
-            self._presence[slot], self._frequency[slot] = p.presence_penalty, p.frequency_penalty
-            self._repetition[slot], self._min_tokens[slot] = p.repetition_penalty, p.min_tokens
-            self._bias[slot] = 0
-            for t, b in p.logit_bias:
-                self._bias[slot, t] += b
-            self._stop_mask[slot] = False
-            self._stop_mask[slot, list(p.stop_token_ids)] = True
-        if out:
-            self._sp_all = {}
+            self._params.set(slot, req.params)
         return [(slot, req) for slot, req, *_ in out]
 
     def _reuse_prefix(self, slot: int, req: Request, src: int | None, length: int, records) -> None:
@@ -387,17 +340,11 @@ class Engine:
         self._history = self._call(self._begin_fn, self._history, np.int32(slot), prefix, np.int32(length))
 
     def _sampling(self, rows=None, k: int | None = None) -> SamplingArrays:
-        """The sampling arrays of `rows`, or of the first `k` slots for a decode step (kept on
-        the device until the next admission)."""
+        """The sampling arrays of `rows` (host), or of the first `k` slots for a decode step
+        (on the device, kept until the next admission)."""
         if rows is None:
-            k = self.max_batch if k is None else k
-            if k not in self._sp_all:
-                self._sp_all[k] = jax.tree.map(self._put, self._sampling(np.arange(k)))
-            return self._sp_all[k]
-        return SamplingArrays(self._temperature[rows], self._top_k[rows], self._top_p[rows],
-                              self._seed[rows], self._presence[rows], self._frequency[rows],
-                              self._repetition[rows], self._min_tokens[rows], self._bias[rows],
-                              self._stop_mask[rows])
+            return self._params.first(self.max_batch if k is None else k)
+        return self._params.rows(rows)
 
     def _call(self, fn, *args, **kw):
         if self.mesh is None:
