@@ -208,19 +208,41 @@ def _chunks(docs: Iterator[str], max_bytes: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def document_markers(bos_token_id: int | None, eos_token_id: int | list[int] | None,
+                     tokenizer: Tokenizer) -> tuple[int | None, int]:
+    """(BOS, EOS) ids that frame each document, from a model config's `bos_token_id` and
+    `eos_token_id` (the first of a list): DeepSeek's convention is BOS + text + EOS. No BOS when
+    the config has none; an id the tokenizer does not define is an error."""
+    eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+    if eos is None or isinstance(eos, list):
+        raise DataError("the model config has no eos_token_id: documents need an end-of-text "
+                        "token to separate them")
+    for name, i in (("bos_token_id", bos_token_id), ("eos_token_id", eos)):
+        if i is not None and tokenizer.id_to_token(i) is None:
+            raise DataError(f"the model config's {name} {i} is not a token of the tokenizer "
+                            f"({tokenizer.get_vocab_size()} tokens); use a config and --tokenizer "
+                            "that belong together")
+    return bos_token_id, eos
+
+
 def encode_corpus(files: Sequence[Path], tokenizer: Tokenizer, *, eos_id: int = EOS_ID,
-                  cache_dir: str | os.PathLike | None = None) -> Integer[np.ndarray, " tokens"]:
-    """Token ids of all documents concatenated, each followed by `eos_id`; cached as .npy.
+                  bos_id: int | None = None, cache_dir: str | os.PathLike | None = None
+                  ) -> Integer[np.ndarray, " tokens"]:
+    """Token ids of all documents concatenated, each followed by `eos_id` (and preceded by
+    `bos_id` when given, `document_markers`); cached as .npy.
 
     The dtype is uint16 when the vocabulary fits, else int32. The cached array is memory-mapped.
     """
     vocab = tokenizer.get_vocab_size()
-    if not 0 <= eos_id < vocab:
-        raise DataError(f"eos_id {eos_id} is outside the tokenizer's vocabulary [0, {vocab})")
+    for name, i in (("eos_id", eos_id), ("bos_id", bos_id)):
+        if i is not None and not 0 <= i < vocab:
+            raise DataError(f"{name} {i} is outside the tokenizer's vocabulary [0, {vocab})")
     dtype = np.uint16 if vocab <= 1 << 16 else np.int32
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:20]
-    path = cache / f"{_corpus_key(files, tok_hash, eos_id)}.tokens.npy"
+    key = _corpus_key(files, tok_hash, eos_id) if bos_id is None else \
+        _corpus_key(files, tok_hash, eos_id, bos_id)  # the older key when there is no BOS
+    path = cache / f"{key}.tokens.npy"
     if path.is_file():
         try:
             return np.load(path, mmap_mode="r")
@@ -231,12 +253,14 @@ def encode_corpus(files: Sequence[Path], tokenizer: Tokenizer, *, eos_id: int = 
     parts, n_docs, n_chars = [], 0, 0
     for chunk in _chunks(read_documents(files), _ENCODE_CHUNK_BYTES):
         for enc in tokenizer.encode_batch_fast(chunk, add_special_tokens=False):
+            if bos_id is not None:
+                parts.append(np.asarray([bos_id], dtype=dtype))
             parts.append(np.asarray(enc.ids, dtype=dtype))
             parts.append(np.asarray([eos_id], dtype=dtype))
         n_docs += len(chunk)
         n_chars += sum(map(len, chunk))
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    if len(tokens) == n_docs:  # nothing but eos
+    if len(tokens) == n_docs * (1 + (bos_id is not None)):  # nothing but the markers
         where = files[0] if len(files) == 1 else f"{len(files)} files from {files[0]}"
         raise DataError(f"corpus {where} has no text to train on")
     _atomic_write(path, lambda f: np.save(f, tokens))

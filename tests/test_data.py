@@ -139,6 +139,26 @@ def test_encode_corpus_documents_eos_and_cache(corpus, tmp_path):
     np.testing.assert_array_equal(cached, tokens)
 
 
+def test_documents_framed_by_the_configs_bos_and_eos(corpus, tmp_path):
+    """DeepSeek's convention: BOS + text + EOS per document, ids from the model config."""
+    files = data.corpus_files(corpus)
+    cache = tmp_path / "cache"
+    tok = data.load_or_train_tokenizer(files, 400, cache_dir=cache)
+    assert data.document_markers(0, 1, tok) == (0, 1)
+    assert data.document_markers(None, [1, 2], tok) == (None, 1)
+    with pytest.raises(data.DataError, match="bos_token_id 400 is not a token of the tokenizer"):
+        data.document_markers(400, 1, tok)
+    with pytest.raises(data.DataError, match="no eos_token_id"):
+        data.document_markers(0, None, tok)
+    tokens = data.encode_corpus(files, tok, bos_id=0, eos_id=1, cache_dir=cache)
+    expected = []
+    for doc in data.read_documents(files):
+        expected += [0] + tok.encode(doc, add_special_tokens=False).ids + [1]
+    np.testing.assert_array_equal(tokens, expected)
+    plain = data.encode_corpus(files, tok, eos_id=1, cache_dir=cache)  # a cache entry of its own
+    assert len(plain) == len(tokens) - len(list(data.read_documents(files)))
+
+
 def test_stdlib_corpus_subset(tmp_path):
     files = data.corpus_files(None)
     assert len(files) > 500 and files == sorted(files)

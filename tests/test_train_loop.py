@@ -40,11 +40,21 @@ def _run(corpus, out, config, **kw):
 
 
 def test_loss_falls_and_metrics_are_written(corpus, config, tmp_path):
-    hist = _run(corpus, tmp_path, config, steps=20, checkpoint_every=10)
+    """20 steps with a held-out evaluation every 5 (on the `json` package's sources): the
+    training and held-out losses fall; metrics.jsonl, TensorBoard events, plot, checkpoints."""
+    held_out = str(Path(json.__file__).parent)
+    hist = _run(corpus, tmp_path, config, steps=20, checkpoint_every=10, eval_corpus=held_out,
+                eval_every=5)
     losses = [h["loss"] for h in hist]
     assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 21)) and all("loss" in x for x in lines)
+    evals = [x for x in lines if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [5, 10, 15, 20]
+    assert all(abs(x["eval_ppl"] - np.exp(x["eval_loss"])) < 1e-6 * x["eval_ppl"] for x in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
+    assert not any(x["skipped"] for x in lines)
+    assert list(tmp_path.glob("events.out.tfevents.*"))  # TensorBoard, next to metrics.jsonl
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "config.json").exists()
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
@@ -71,6 +81,10 @@ def test_sigkill_then_resume_continues_exactly(corpus, config, tmp_path):
     start = resumed[0]["step"]
     assert 3 <= start <= 11 and [h["step"] for h in resumed] == list(range(start, 13))
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full[start - 1:]]
+    # metrics.jsonl was cut back to the restored step: each step once, the resumed losses
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 13))
+    assert [x["loss"] for x in lines[start - 1:]] == [h["loss"] for h in resumed]
 
     # a finished run's folder: a fresh run refuses it, a corrupt checkpoint is a clear error
     ckpts = tmp_path / "a" / "checkpoints"
@@ -96,6 +110,10 @@ def test_bad_inputs(corpus, config, tmp_path):
         _run(corpus, tmp_path / "m", config, moments_dtype="fp16")
     with pytest.raises(TrainingError, match="--capacity-factor 1.25: .* expert-parallel dispatch"):
         _run(corpus, tmp_path / "c", config, capacity_factor=1.25)
+    with pytest.raises(TrainingError, match="--eval-every 5 needs --eval-corpus PATH"):
+        _run(corpus, tmp_path / "e", config, eval_every=5)
+    with pytest.raises(TrainingError, match="--eval-corpus .*missing.* does not exist"):
+        _run(corpus, tmp_path / "e", config, eval_corpus=str(tmp_path / "missing"))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +193,8 @@ def test_init_from_hf_starts_from_the_checkpoint(corpus, config, tmp_path):
     save_hf(start, tmp_path / "hf")
     hist = _run(corpus, tmp_path / "run", config, steps=1, init_from_hf=str(tmp_path / "hf"))
     files = data.corpus_files(corpus)
-    tokens = data.encode_corpus(files, data.load_or_train_tokenizer(files, cfg.vocab_size))
+    tokens = data.encode_corpus(files, data.load_or_train_tokenizer(files, cfg.vocab_size),
+                                bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)  # BOS text EOS
     batch = jnp.asarray(data.TokenBatcher(tokens, 4, 32, seed=0).next())
     loss, _ = nnx.jit(lambda m, b: lm_loss(m, b))(start, batch)
     assert abs(hist[0]["loss"] - float(loss)) < 1e-5 * abs(float(loss))

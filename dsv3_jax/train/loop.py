@@ -6,7 +6,9 @@ routing-bias update from the step's global expert counts. The data are contiguou
 (`TokenBatcher`, DeepSeek-V3's pretraining) or, with `pack_documents`, rows of whole documents
 with segment ids (`DocumentPacker`: no attention or loss across documents). Checkpoints (orbax)
 hold the model, the optimizer, the data position and the step, so `resume=True` continues
-exactly.
+exactly (and cuts metrics.jsonl back to the restored step, dsv3_jax/train/metrics.py). The
+state is donated to the step (`step_fn`); a step whose loss or gradient norm is not finite
+changes nothing and is logged as `skipped`, and `max_skipped` of them in a row stop the run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -30,10 +33,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsv3_jax import data
 from dsv3_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.conversations import ConversationPacker, load_conversations
 from dsv3_jax.model import init_model
 from dsv3_jax.packing import DocumentPacker
 from dsv3_jax.weights import load_hf
+from dsv3_jax.train.evaluate import evaluate, held_out_batches
 from dsv3_jax.train.flops import flops_per_token, mfu
+from dsv3_jax.train.metrics import MetricsLog
 from dsv3_jax.train.optimizer import make_optimizer
 from dsv3_jax.train.plot import write_plot
 from dsv3_jax.train.step import train_step
@@ -71,16 +77,28 @@ class RunConfig:
     capacity_factor: float = 0.0       # expert-parallel dispatch capacity per expert (0: dropless)
     moments_dtype: str = "fp32"        # AdamW first moment: fp32 or bf16 (second moment stays fp32)
     pack_documents: bool = False       # rows of whole documents with segment ids (dsv3_jax/packing.py)
+    max_skipped: int = 10              # stop after this many consecutive non-finite (skipped) steps
+    eval_corpus: str | None = None     # held-out text/.jsonl/folder: mean loss and perplexity
+    eval_every: int = 0                # steps between evaluations (0: at each checkpoint)
+    sft: str | None = None             # chat .jsonl file/folder: fine-tune on the assistant turns
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (bad input, NaN loss); the last good checkpoint is kept."""
+    """The run cannot go on (bad input, too many non-finite steps); the last good checkpoint is
+    kept."""
 
 
-def _step_fn(run: RunConfig):
+def step_fn(run: RunConfig):
+    """The jitted `train_step` of a run. The model and the optimizer are donated: the step
+    writes the new parameters, AdamW moments and routing bias into the old ones' buffers, so
+    the device holds one copy of the training state, as the planner (dsv3_jax/plan.py) and the
+    AOT compiles assume. A donated buffer that something else still reads is not reused: on CPU
+    an async orbax save holds NumPy views of the state until written, and XLA then copies
+    instead (the checkpoint stays intact; tests/test_train_state.py)."""
     return nnx.jit(functools.partial(train_step, mtp_lambda=run.mtp_lambda,
                                      balance_alpha=run.balance_alpha, bias_gamma=run.bias_gamma,
-                                     microbatches=run.microbatches or None))
+                                     microbatches=run.microbatches or None),
+                   donate_argnums=(0, 1))
 
 
 def _pipeline_plan(run: RunConfig, cfg: ModelConfig, mesh):
@@ -124,6 +142,53 @@ def _batch_layout(run: RunConfig, mesh):
     # each process holds its contiguous slice of every micro-batch (TokenBatcher's layout)
     return lambda rows: jax.make_array_from_process_local_data(
         sharding, rows.reshape(k, micro // procs, -1), shape)
+
+
+def _held_out(run: RunConfig, tokenizer, bos, eos, to_global) -> list | None:
+    """The fixed held-out batches of --eval-corpus (dsv3_jax/train/evaluate.py), placed like the
+    training batches; None without --eval-corpus."""
+    if run.eval_every < 0:
+        raise TrainingError(f"--eval-every {run.eval_every}: must be >= 0 (0: at each checkpoint)")
+    if not run.eval_corpus:
+        if run.eval_every:
+            raise TrainingError(f"--eval-every {run.eval_every} needs --eval-corpus PATH, the "
+                                "held-out text to evaluate on")
+        return None
+    try:
+        tokens = data.encode_corpus(data.corpus_files(run.eval_corpus), tokenizer, eos_id=eos,
+                                    bos_id=bos)
+        rows = held_out_batches(tokens, run.batch_size, run.seq_len,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    except data.DataError as e:
+        raise TrainingError(f"--eval-corpus {run.eval_corpus}: {e}") from None
+    return [to_global(r) for r in rows]
+
+
+def _sft_batcher(run: RunConfig, tokenizer, eos: int, layout: dict, log) -> ConversationPacker:
+    """--sft: the chat file's conversations, rendered with the checkpoint's chat template
+    (--init-from-hf DIR's, as serve.py renders them) or serving's default one, packed whole."""
+    if run.pack_documents:
+        raise TrainingError("--sft packs whole conversations itself; drop --pack-documents")
+    from dsv3_jax.serve.loading import LoadError, _chat_template
+    template = None
+    if run.init_from_hf:
+        try:
+            template = _chat_template(Path(run.init_from_hf))
+        except LoadError as e:
+            raise TrainingError(f"--init-from-hf: {e}") from None
+    try:
+        convs = load_conversations(run.sft, tokenizer, eos, template)
+        batcher = ConversationPacker(convs, run.batch_size, run.seq_len, pad_id=eos, **layout)
+    except data.DataError as e:
+        raise TrainingError(f"--sft {run.sft}: {e}") from None
+    trained = sum(int(c.mask.sum()) for c in convs)
+    total = sum(len(c.ids) for c in convs)
+    log(f"fine-tuning on {len(convs)} conversations ({run.sft}, chat template: "
+        f"{'--init-from-hf' if template else 'serving default'}): {trained:,} of {total:,} tokens "
+        f"are assistant tokens (trained on); {batcher.truncated} longer than --seq-len "
+        f"{run.seq_len} + 1 were cut to it")
+    return batcher
 
 
 def replicate_unplaced(optimizer: nnx.Optimizer, mesh) -> None:
@@ -170,14 +235,31 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     if run.capacity_factor < 0 or (run.capacity_factor and mesh is None):
         raise TrainingError(f"--capacity-factor {run.capacity_factor}: must be > 0 and applies "
                             "to expert-parallel dispatch (--mesh with an expert axis); 0 is dropless")
+    if run.max_skipped < 1:
+        raise TrainingError(f"--max-skipped {run.max_skipped}: must be >= 1 (the number of "
+                            "consecutive non-finite steps that stops the run)")
     to_global = _batch_layout(run, mesh)
     plan = _pipeline_plan(run, cfg, mesh)
     files = data.corpus_files(run.corpus)
-    tokenizer = data.load_or_train_tokenizer(files, cfg.vocab_size, tokenizer_path=run.tokenizer)
-    tokens = data.encode_corpus(files, tokenizer, eos_id=data.EOS_ID)
-    kind = DocumentPacker if run.pack_documents else data.TokenBatcher
-    batcher = kind(tokens, run.batch_size, run.seq_len, seed=run.seed,
-                   process_index=jax.process_index(), process_count=jax.process_count())
+    tokenizer_path = run.tokenizer
+    if tokenizer_path is None and run.init_from_hf and \
+            (Path(run.init_from_hf) / "tokenizer.json").is_file():
+        tokenizer_path = run.init_from_hf  # the checkpoint's own tokenizer
+    tokenizer = data.load_or_train_tokenizer(files, cfg.vocab_size, tokenizer_path=tokenizer_path)
+    bos, eos = data.document_markers(cfg.bos_token_id, cfg.eos_token_id, tokenizer)
+    layout = dict(seed=run.seed, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    eval_batches = _held_out(run, tokenizer, bos, eos, to_global)
+    if run.sft:
+        batcher = _sft_batcher(run, tokenizer, eos, layout, log)
+        num_tokens = sum(len(c.ids) for c in batcher.convs)
+    else:
+        tokens = data.encode_corpus(files, tokenizer, eos_id=eos, bos_id=bos)
+        num_tokens = len(tokens)
+        if run.pack_documents:
+            batcher = DocumentPacker(tokens, run.batch_size, run.seq_len, eos_id=eos, **layout)
+        else:
+            batcher = data.TokenBatcher(tokens, run.batch_size, run.seq_len, **layout)
     model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh,
                        capacity_factor=run.capacity_factor or None)
     if run.init_from_hf:
@@ -216,14 +298,15 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         tokenizer.save(str(out / "tokenizer.json"))
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (out / "run.json").write_text(json.dumps(dataclasses.asdict(run), indent=2))
+        if run.init_from_hf:  # the chat template (and its special tokens) serve.py reads
+            for name in ("tokenizer_config.json", "chat_template.jinja"):
+                if (Path(run.init_from_hf) / name).is_file():
+                    shutil.copyfile(Path(run.init_from_hf) / name, out / name)
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    step_fn = _step_fn(run)
+    jitted_step = step_fn(run)
     primary = jax.process_index() == 0
-    metrics_path = out / "metrics.jsonl"
-    if start == 0 and metrics_path.exists() and primary:
-        metrics_path.unlink()
     history: list[dict] = []
     tokens_per_step = run.batch_size * run.seq_len
     log(f"model FLOPs per token (fwd+bwd): {flops_per_token(cfg, run.seq_len) / 1e6:.1f}M "
@@ -235,35 +318,50 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
         f"{run.batch_size} x {run.seq_len} tokens"
         f"{f' in {run.accumulate} micro-batches' if run.accumulate > 1 else ''}, precision "
-        f"{run.precision}, {len(tokens):,} corpus tokens"
+        f"{run.precision}, {num_tokens:,} {'conversation' if run.sft else 'corpus'} tokens (documents: "
+        f"{'' if bos is None else f'{tokenizer.id_to_token(bos)} '}text "
+        f"{tokenizer.id_to_token(eos)})"
         f"{packing}, out {out}"
         f"{f', process {jax.process_index()} of {jax.process_count()}' if jax.process_count() > 1 else ''}")
     try:
-        with (open(metrics_path, "a") if primary else contextlib.nullcontext()) as mfile, \
+        with (MetricsLog(out, start) if primary else contextlib.nullcontext()) as mlog, \
                 (jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
             t_last = time.perf_counter()
+            consecutive = 0  # skipped steps in a row
             for step in range(start, run.steps):
                 rows = batcher.next()
-                rows = tuple(map(to_global, rows)) if run.pack_documents else (to_global(rows),)
-                parts = jax.device_get(step_fn(model, optimizer, *rows))
-                loss = float(parts["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingError(f"loss is {loss} at step {step + 1}; stopping (the last "
-                                        f"checkpoint, step {ckpt.latest_step()}, is kept)")
+                rows = tuple(map(to_global, rows)) if isinstance(rows, tuple) else (to_global(rows),)
+                parts = jax.device_get(jitted_step(model, optimizer, *rows))
+                skipped = int(parts["skipped"])
+                consecutive = consecutive + 1 if skipped else 0
+                if skipped:
+                    log(f"step {step + 1}: loss {float(parts['loss'])}, gradient norm "
+                        f"{float(parts['grad_norm'])}: not finite, step skipped (state unchanged; "
+                        f"{consecutive} in a row, --max-skipped {run.max_skipped})")
                 now = time.perf_counter()
-                record = {"step": step + 1, "loss": loss, "ce": float(parts["ce"]),
+                record = {"step": step + 1, "loss": float(parts["loss"]), "ce": float(parts["ce"]),
                           "mtp": float(parts["mtp"]), "balance": float(parts["balance"]),
-                          "grad_norm": float(parts["grad_norm"]),
+                          "grad_norm": float(parts["grad_norm"]), "skipped": skipped,
                           "imbalance": [round(float(v), 3) for v in parts["imbalance"]],
                           "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
                 record["mfu"] = mfu(record["tokens_per_s"], cfg, run.seq_len)
+                done = step + 1
+                if eval_batches and (done % (run.eval_every or run.checkpoint_every) == 0
+                                     or done == run.steps):
+                    record.update(evaluate(model, eval_batches))
+                    now = time.perf_counter()  # the next step's time leaves the evaluation out
                 t_last = now
                 history.append(record)
                 if primary:
-                    mfile.write(json.dumps(record) + "\n")
-                    mfile.flush()
+                    mlog.write(record)
                     _progress(record, run.steps, log)
-                done = step + 1
+                if consecutive >= run.max_skipped:
+                    raise TrainingError(
+                        f"steps {done - consecutive + 1}..{done}: {consecutive} consecutive steps "
+                        f"had a non-finite loss or gradient norm and were skipped (--max-skipped "
+                        f"{run.max_skipped}); stopping. Skipped steps change nothing, so the last "
+                        f"checkpoint (step {ckpt.latest_step()}) holds finite values; lower --lr "
+                        "or check the data")
                 if done % run.checkpoint_every == 0 or done == run.steps or stop["signal"]:
                     ckpt.save(done, model, optimizer, {"step": done, "data": batcher.state()})
                 if stop["signal"]:
@@ -273,7 +371,7 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
     if history and primary:
-        all_records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        all_records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         log(f"plot: {write_plot(all_records, out / 'metrics.png')}")
     return history
 
@@ -288,8 +386,10 @@ def _progress(record: dict, total: int, log) -> None:
         sys.stderr.write(f"\r[{bar}] step {record['step']}/{total} loss {record['loss']:.4f} "
                          f"{record['tokens_per_s']:.0f} tok/s ")
         sys.stderr.flush()
-    if record["step"] % 50 == 0 or record["step"] == total:
+    if record["step"] % 50 == 0 or record["step"] == total or "eval_loss" in record:
         log(f"{chr(10) if tty else ''}step {record['step']}/{total}: loss {record['loss']:.4f} "
             f"(ce {record['ce']:.4f}, mtp {record['mtp']:.4f}), {record['tokens_per_s']:.0f} "
-            f"tok/s, max/mean expert load {max(record['imbalance'] or [1.0]):.2f}")
+            f"tok/s, max/mean expert load {max(record['imbalance'] or [1.0]):.2f}"
+            + (f", held-out loss {record['eval_loss']:.4f} (perplexity {record['eval_ppl']:.1f})"
+               if "eval_loss" in record else ""))
 

@@ -22,13 +22,20 @@ def decay_mask(model: Transformer):
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def lr_schedule(lr: float, warmup_steps: int, total_steps: int, final_lr_fraction: float = 0.1
+                ) -> optax.Schedule:
+    """Learning rate by optimizer step: linear from 0 to `lr` over `warmup_steps`, then a cosine
+    down to `lr * final_lr_fraction` at `total_steps` (held after it)."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(1, warmup_steps), max(total_steps, warmup_steps + 1), lr * final_lr_fraction)
+
+
 def make_optimizer(model: Transformer, *, lr: float = 3e-4, warmup_steps: int = 100,
                    total_steps: int = 1000, final_lr_fraction: float = 0.1, b1: float = 0.9,
                    b2: float = 0.95, weight_decay: float = 0.1, clip_norm: float = 1.0,
                    moments_dtype=None) -> optax.GradientTransformation:
     """The optax chain: clip -> AdamW(schedule, decay on matrices)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(1, warmup_steps), max(total_steps, warmup_steps + 1), lr * final_lr_fraction)
+    schedule = lr_schedule(lr, warmup_steps, total_steps, final_lr_fraction)
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
         optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=moments_dtype,

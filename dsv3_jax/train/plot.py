@@ -1,4 +1,5 @@
-"""The end-of-run PNG: loss parts and per-layer expert load (max / mean) against the step."""
+"""The end-of-run PNG: loss parts (and the held-out loss) and per-layer expert load (max /
+mean) against the step."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def write_plot(history: list[dict], path: str | Path) -> Path:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for key, label in (("loss", "total loss"), ("ce", "next-token CE"), ("mtp", "MTP CE")):
         top.plot(steps, [r[key] for r in history], label=label, linewidth=1)
+    held_out = [r for r in history if r.get("eval_loss") is not None]
+    if held_out:
+        top.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-",
+                 label="held-out CE", linewidth=1, markersize=3)
     top.set_ylabel("loss")
     top.legend()
     top.grid(alpha=0.3)

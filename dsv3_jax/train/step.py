@@ -15,6 +15,10 @@ Packed documents (`segment_ids`, [accumulate, micro_batch, seq + 1], dsv3_jax/pa
 each micro-batch's loss is normalised by the kept predictions of the whole step (the weight
 sums of all micro-batches, `losses.weight_sums`), so accumulation still equals one big batch
 when micro-batches keep different numbers of tokens.
+
+Non-finite steps: when the loss or the global gradient norm is inf or NaN the step changes
+nothing (`skip_if_not_finite`) and reports `skipped = 1`; the loop counts consecutive skips
+(`--max-skipped`).
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ from sharding.pipeline import pipeline_forward, pipeline_stages
 
 def train_step(model: Transformer, optimizer: nnx.Optimizer,
                batches: Int[Array, "accumulate micro seq_plus_1"],
-               segment_ids: Int[Array, "accumulate micro seq_plus_1"] | None = None, *,
+               segment_ids: Int[Array, "accumulate micro seq_plus_1"] | None = None,
+               loss_mask: Int[Array, "accumulate micro seq_plus_1"] | None = None, *,
                mtp_lambda: float = 0.3, balance_alpha: float = 1e-4, bias_gamma: float = 0.001,
                microbatches: int | None = None) -> dict:
     """Update `model` and `optimizer` in place; returns the step's metrics (fp32 scalars/arrays).
 
     `segment_ids`: packed documents of each row (0 = padding; dsv3_jax/train/losses.py).
+    `loss_mask`: 1 where a row token is a scored target (fine-tuning: the assistant's tokens).
     `microbatches`: pipeline micro-batches per micro-batch of `batches` (None: one per pipeline
     stage); used only under a mesh whose pipeline axis is > 1."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -49,35 +55,55 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
     k = batches.shape[0]
     depths = len(model.mtp) if mtp_lambda > 0 else 0
     denominators = None
-    if segment_ids is not None and k > 1:  # the step's kept predictions, over all micro-batches
-        rows = segment_ids.reshape(-1, segment_ids.shape[-1])
-        denominators = weight_sums(rows, None, rows.shape, depths) / k
+    if (segment_ids is not None or loss_mask is not None) and k > 1:
+        # the step's kept predictions, over all micro-batches
+        flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (segment_ids, loss_mask)]
+        denominators = weight_sums(*flat, (k * batches.shape[1], batches.shape[2]), depths) / k
 
-    def loss_fn(p, batch, seg):
+    def loss_fn(p, batch, seg, mask):
         m = nnx.merge(graphdef, p, rest, copy=True)
         fwd = None if forward is None else functools.partial(forward, m)
         total, (parts, out) = lm_loss(m, batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha,
-                                      segment_ids=seg, denominators=denominators, forward=fwd)
+                                      segment_ids=seg, loss_mask=mask, denominators=denominators,
+                                      forward=fwd)
         return total, (parts, out.expert_counts, out.mtp_expert_counts)
 
     grad_fn = jax.value_and_grad(unrolled_for_training()(loss_fn), has_aux=True)
     if k == 1:
-        seg = None if segment_ids is None else segment_ids[0]
-        (_, (parts, counts, mtp_counts)), grads = grad_fn(params, batches[0], seg)
+        first = [None if x is None else x[0] for x in (segment_ids, loss_mask)]
+        (_, (parts, counts, mtp_counts)), grads = grad_fn(params, batches[0], *first)
     else:
         def micro(total, xs):
             (_, aux), g = grad_fn(params, *xs)
             return jax.tree.map(jnp.add, total, (g, aux)), None
 
-        seg0 = None if segment_ids is None else segment_ids[0]
-        shapes = jax.eval_shape(grad_fn, params, batches[0], seg0)
+        first = [None if x is None else x[0] for x in (segment_ids, loss_mask)]
+        shapes = jax.eval_shape(grad_fn, params, batches[0], *first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
-        (grads, (parts, counts, mtp_counts)), _ = jax.lax.scan(micro, zeros, (batches, segment_ids))
+        (grads, (parts, counts, mtp_counts)), _ = jax.lax.scan(micro, zeros,
+                                                            (batches, segment_ids, loss_mask))
         grads = jax.tree.map(lambda g: g / k, grads)
         parts = jax.tree.map(lambda v: v / k, parts)
-    optimizer.update(model, grads)
-    update_routing_bias(model, counts, mtp_counts, bias_gamma)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                              for g in jax.tree.leaves(grads)))
-    return dict(parts, grad_norm=grad_norm, imbalance=load_imbalance(counts))
+    finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
+    old = jax.tree.leaves(nnx.state((model, optimizer)))  # immutable arrays: the state before
+    optimizer.update(model, grads)
+    update_routing_bias(model, counts, mtp_counts, bias_gamma)
+    skip_if_not_finite((model, optimizer), old, finite)
+    return dict(parts, grad_norm=grad_norm, imbalance=load_imbalance(counts),
+                skipped=(~finite).astype(jnp.int32))
+
+
+def skip_if_not_finite(state_owner, old: list, finite) -> None:
+    """Put back the `old` leaves of `nnx.state(state_owner)` unless `finite` (a traced bool).
+
+    A select inside the step, so skipping costs no host round trip: a step whose loss or
+    gradient norm is inf/NaN leaves the parameters, the AdamW moments and step counts and the
+    routing bias as they were (gradient clipping would otherwise turn an inf gradient into NaN
+    parameters)."""
+    state = nnx.state(state_owner)
+    new, treedef = jax.tree.flatten(state)
+    kept = [jnp.where(finite, n, o) for n, o in zip(new, old)]
+    nnx.update(state_owner, jax.tree.unflatten(treedef, kept))
 
