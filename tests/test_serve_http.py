@@ -355,6 +355,9 @@ def test_queue_full_and_engine_failures_in_process(ckpt, monkeypatch):
             assert status == 500 and "device on fire" in out["error"]["message"], out
         monkeypatch.setattr(engine, "_prefill", boom)  # fails the request inside the engine
         engine.start()
+        deadline = time.time() + 60  # the queued request leaves the queue (max_queue=1) first
+        while engine.stats()["queued"] and time.time() < deadline:
+            time.sleep(0.01)
         status, out = post(port, "/v1/completions", {"prompt": [5, 6, 7]})
         assert status == 500 and "device on fire" in out["error"]["message"], out
         events = stream(port, "/v1/completions", {"prompt": [5, 6, 7]})
