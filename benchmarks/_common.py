@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +93,30 @@ def append_section(title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     with path.open("a") as fh:
         fh.write(text)
     print(f"appended to {os.path.relpath(path)}")
+
+
+def timed(fn, iters: int) -> list[float]:
+    """Seconds of `iters` calls of `fn` after one untimed warm-up call (the compile)."""
+    fn()
+    out = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run_worker(cmd: list[str], threads: int, env: dict | None = None, name: str = "worker") -> dict:
+    """Run a benchmark worker in a fresh process and return the JSON line it prints last.
+
+    With fewer `threads` than usable cores the process is pinned to the first `threads` cores
+    (sched_setaffinity), so its runtime cannot use more whatever it does."""
+    cores = sorted(os.sched_getaffinity(0))
+    pin = set(cores[:threads]) if threads < len(cores) else None
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, pin)) if pin else None)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{name} run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
+                         f"{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, append_section, median, table, usable_cores  # noqa: E402
+from _common import ROOT, append_section, median, run_worker, table, usable_cores  # noqa: E402
 
 HF_SCRIPT = ROOT / "benchmarks" / "hf_forward.py"
 
@@ -82,14 +82,7 @@ def run_one(impl: str, args, threads: int) -> dict:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     else:
         cmd = [args.transformers_python, str(HF_SCRIPT), *common]
-    cores = sorted(os.sched_getaffinity(0))
-    pin = set(cores[:threads]) if threads < len(cores) else None
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, pin)) if pin else None)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{impl} run failed (rc {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return run_worker(cmd, threads, env, impl)
 
 
 def main() -> int:

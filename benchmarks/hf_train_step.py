@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,17 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from _common import timed  # noqa: E402
 from hf_forward import to_transformers_config  # noqa: E402
-
-
-def timed(fn, iters: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> int:

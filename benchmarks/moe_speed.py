@@ -31,24 +31,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, append_section, median, table, usable_cores  # noqa: E402
+from _common import ROOT, append_section, median, run_worker, table, timed, usable_cores  # noqa: E402
 
 HF_SCRIPT = ROOT / "benchmarks" / "hf_train_step.py"
-
-
-def _timed(fn, iters: int) -> list[float]:
-    fn()  # warm-up (compile)
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def jax_worker(args) -> int:
@@ -73,14 +62,13 @@ def jax_worker(args) -> int:
               "flops_per_token": flops_per_token(cfg, args.seq)}
 
     forward = nnx.jit(lambda m, x: m(x))
-    result["forward_s"] = median(_timed(
+    result["forward_s"] = median(timed(
         lambda: jax.block_until_ready(forward(model, ids[:, :-1])), args.iters))
 
     optimizer = nnx.Optimizer(model, make_optimizer(model), wrt=nnx.Param)
     step = nnx.jit(lambda m, o, b: train_step(m, o, b, mtp_lambda=0.0))
-    result["step_s"] = median(_timed(
+    result["step_s"] = median(timed(
         lambda: jax.block_until_ready(step(model, optimizer, ids[None])), args.iters))
-    del model, optimizer
 
     moe = nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(moe)
@@ -89,13 +77,13 @@ def jax_worker(args) -> int:
     x = jnp.asarray(rng.standard_normal((1, args.moe_tokens, cfg.hidden_size), np.float32))
     layer = jax.jit(jax.value_and_grad(
         lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2), argnums=(0, 1)))
-    result["moe_layer_s"] = min(_timed(lambda: jax.block_until_ready(layer(state, x)),
+    result["moe_layer_s"] = min(timed(lambda: jax.block_until_ready(layer(state, x)),
                                        args.iters))
 
     a = jnp.asarray(rng.standard_normal((2048, 2048), np.float32))
     mm = jax.jit(jnp.dot)
     result["matmul_peak_gflops"] = 2 * 2048 ** 3 / min(
-        _timed(lambda: jax.block_until_ready(mm(a, a)), 10)) / 1e9
+        timed(lambda: jax.block_until_ready(mm(a, a)), 10)) / 1e9
     print(json.dumps(result))
     return 0
 
@@ -112,15 +100,7 @@ def run_one(impl: str, args, config: Path, threads: int) -> dict:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     else:
         cmd = [args.transformers_python, str(HF_SCRIPT), *common]
-    cores = sorted(os.sched_getaffinity(0))
-    pin = set(cores[:threads]) if threads < len(cores) else None
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, pin)) if pin else None)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{impl} run failed (rc {proc.returncode}): {' '.join(cmd)}\n"
-                         f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return run_worker(cmd, threads, env, impl)
 
 
 def main() -> int:
