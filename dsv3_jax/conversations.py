@@ -209,6 +209,9 @@ class ConversationPacker:
 
     def restore(self, state: dict) -> None:
         """Continue from `state()` of a packer over the same conversations and sizes."""
+        if "conversations" not in state:
+            raise DataError("the checkpoint's run trained on a corpus, not chat data; resume it "
+                            "without --sft")
         mine = self.state()
         for field in ("conversations", "batch_size", "seq_len"):
             if state.get(field) != mine[field]:

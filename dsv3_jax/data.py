@@ -350,6 +350,8 @@ class TokenBatcher:
         if state.get("packed"):
             raise DataError("the checkpoint's run packed documents (dsv3_jax/packing.py); resume "
                             "it with --pack-documents")
+        if "conversations" in state:
+            raise DataError("the checkpoint's run fine-tuned on chat data; resume it with --sft")
         check_same_batches(state, self.batch_size, self.seq_len, len(self.tokens))
         if not 0 <= state["position"] < self.batches_per_epoch or state["epoch"] < 0:
             raise DataError(f"data state epoch={state['epoch']} position={state['position']} is "

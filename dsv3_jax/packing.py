@@ -158,6 +158,8 @@ class DocumentPacker:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from `state()` of a packer over the same tokens, batch size and seq_len."""
+        if "conversations" in state:
+            raise DataError("the checkpoint's run fine-tuned on chat data; resume it with --sft")
         if not state.get("packed"):
             raise DataError("the checkpoint's run read contiguous windows, not packed documents; "
                             "resume it without --pack-documents")

@@ -95,3 +95,13 @@ def test_packing_keeps_conversations_whole_and_truncates_long_ones(tokenizer, tm
     again.restore(state)
     for a, b in zip(packer.next(), again.next()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_with_the_other_data_mode_is_an_error(tokenizer, tmp_path):
+    convs = load_conversations(_write(tmp_path / "c.jsonl", [CONV] * 8), tokenizer, EOS)
+    sft_state = ConversationPacker(convs, 2, 63).state()
+    tokens = np.arange(3, 400, dtype=np.uint16)
+    with pytest.raises(data.DataError, match="fine-tuned on chat data; resume it with --sft"):
+        data.TokenBatcher(tokens, 2, 16).restore(sft_state)
+    with pytest.raises(data.DataError, match="not chat data; resume it without --sft"):
+        ConversationPacker(convs, 2, 63).restore(data.TokenBatcher(tokens, 2, 16).state())
