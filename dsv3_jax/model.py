@@ -160,6 +160,7 @@ class ModelOutput:
     dropped: Int[Array, "moe_layers"]                     # rows dropped by a capacity limit (0: dropless)
     mtp_expert_counts: Int[Array, "depth experts"] | None = None
     mtp_hidden: tuple[Float[Array, "batch _ embed"], ...] = ()  # depth k: head input, [b, seq - k, D]
+    mtp_balance: Float[Array, "depth"] | None = None     # each MTP depth's MoE balance term
 
 
 jax.tree_util.register_dataclass(
@@ -224,18 +225,19 @@ class Transformer(nnx.Module):
                           mtp_logits=(), expert_counts=aux["expert_counts"],
                           balance=aux["balance"], dropped=aux["dropped"])
         if mtp and len(self.mtp):
-            out.mtp_hidden, out.mtp_expert_counts = self.mtp_forward(input_ids, hidden, cos, sin,
-                                                                     segment_ids)
+            out.mtp_hidden, out.mtp_expert_counts, out.mtp_balance = self.mtp_forward(
+                input_ids, hidden, cos, sin, segment_ids)
             if logits:
                 out.mtp_logits = tuple(self.head(h) for h in out.mtp_hidden)
         return out
 
     def mtp_forward(self, input_ids, hidden, cos, sin, segment_ids=None, *, embed=None):
         """The normed state of each MTP depth k ([batch, seq - k, embed]; `head` of it predicts
-        token i + k + 1) and their expert counts. `embed`: how to embed the shifted ids
-        (default `self.embed`)."""
+        token i + k + 1), their expert counts and their MoE layers' sequence-wise balance terms
+        (which join the balance loss). `embed`: how to embed the shifted ids (default
+        `self.embed`)."""
         embed = embed or self.embed
-        states, counts = [], []
+        states, counts, balances = [], [], []
         h = hidden
         for k, module in enumerate(self.mtp, start=1):
             seg = None if segment_ids is None else segment_ids[:, :-k]
@@ -243,7 +245,8 @@ class Transformer(nnx.Module):
                                       seg)
             states.append(h_normed)
             counts.append(aux["expert_counts"])
-        return tuple(states), jnp.stack(counts)
+            balances.append(aux.get("balance", jnp.zeros((), jnp.float32)))
+        return tuple(states), jnp.stack(counts), jnp.stack(balances)
 
     def decode(self, input_ids: Int[Array, "batch seq"], positions: Int[Array, "batch seq"],
                cache: DecodeCache | None = None, *, prefill: bool = False

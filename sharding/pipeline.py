@@ -143,7 +143,7 @@ def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
     if mtp and len(model.mtp):
         # the shifted embeddings pinned to the batch layout: XLA would otherwise split them
         # along "embed" like the pipeline-split eh_proj, through a full rematerialisation (jax 0.12)
-        out.mtp_hidden, out.mtp_expert_counts = model.mtp_forward(
+        out.mtp_hidden, out.mtp_expert_counts, out.mtp_balance = model.mtp_forward(
             input_ids, hidden, cos, sin, segment_ids, embed=lambda ids: constrain(model.embed(ids), ACT))
         if logits:
             out.mtp_logits = tuple(model.head(h) for h in out.mtp_hidden)

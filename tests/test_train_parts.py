@@ -29,7 +29,11 @@ def test_loss_parts_and_mtp_alignment():
     assert abs(float(parts["ce"]) - _np_ce(out.logits, tgt)) < 1e-5
     # MTP depth 1 at position i predicts token i + 2 = targets[:, 1:]
     assert abs(float(parts["mtp"]) - _np_ce(out.mtp_logits[0], tgt[:, 1:])) < 1e-5
-    want = _np_ce(out.logits, tgt) + 0.3 * _np_ce(out.mtp_logits[0], tgt[:, 1:]) + 0.01 * float(out.balance.sum())
+    # the balance loss sums the main MoE layers' terms and the MTP depth's MoE layer's term
+    balance = float(out.balance.sum()) + float(out.mtp_balance.sum())
+    assert out.mtp_balance.shape == (1,) and float(out.mtp_balance[0]) > 0.5
+    assert abs(float(parts["balance"]) - balance) < 1e-6
+    want = _np_ce(out.logits, tgt) + 0.3 * _np_ce(out.mtp_logits[0], tgt[:, 1:]) + 0.01 * balance
     assert abs(float(total) - want) < 1e-5
     # balance term: E / (K T) * counts . mean normalised scores; 1.0 means uniform
     assert out.balance.shape == (CFG.num_moe_layers,) and bool((out.balance > 0.5).all())

@@ -264,7 +264,9 @@ def loss_from_output(out: ModelOutput, targets: Int[Array, "batch seq"], *, mtp_
     losses = [x / denominators[k] for k, x in enumerate(sums)]
     main = losses[0]
     mtp = sum(losses[1:]) / depth if depth else jnp.zeros((), jnp.float32)
-    balance = jnp.sum(out.balance)
+    balance = jnp.sum(out.balance)  # the main stack's MoE layers and each MTP depth's
+    if out.mtp_balance is not None:
+        balance = balance + jnp.sum(out.mtp_balance)
     total = main + mtp_lambda * mtp + balance_alpha * balance
     return total, {"loss": total, "ce": main, "mtp": mtp, "balance": balance}
 
