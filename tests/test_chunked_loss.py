@@ -126,7 +126,8 @@ def test_model_loss_chunked_equals_materialised_logits():
     def logits_path(m, b):
         out = m.forward(b[:, :-1], mtp=True)
         ce = lambda lg, t: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg, -1), t[..., None], -1))
-        return ce(out.logits, b[:, 1:]) + 0.3 * ce(out.mtp_logits[0], b[:, 2:]) + 0.01 * out.balance.sum()
+        balance = out.balance.sum() + out.mtp_balance.sum()  # main and MTP MoE layers
+        return ce(out.logits, b[:, 1:]) + 0.3 * ce(out.mtp_logits[0], b[:, 2:]) + 0.01 * balance
 
     def chunked(m, b):
         return lm_loss(m, b, mtp_lambda=0.3, balance_alpha=0.01, chunk=48)[0]  # 256 = 5 x 48 + 16
