@@ -106,6 +106,24 @@ def timed(fn, iters: int) -> list[float]:
     return out
 
 
+def side_by_side(impl: str, worker: str, transformers_script: Path, transformers_python: str,
+                 common: list[str], threads: int, omp_wait_policy: str = "PASSIVE") -> dict:
+    """One fresh process of `impl`: "ours" (`worker --worker ...`, this Python) or the PyTorch
+    side (`transformers_script` under `transformers_python`), with the same arguments and thread
+    rules: XLA's single-thread flag for 1 thread, OMP_WAIT_POLICY for both ('' = unset), pinned
+    below all cores (`run_worker`). Returns its JSON line."""
+    env = dict(os.environ)
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
+    if impl == "ours":
+        cmd = [sys.executable, worker, "--worker", *common]
+        if threads == 1:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    else:
+        cmd = [transformers_python, str(transformers_script), *common]
+    return run_worker(cmd, threads, env, impl)
+
+
 def run_worker(cmd: list[str], threads: int, env: dict | None = None, name: str = "worker") -> dict:
     """Run a benchmark worker in a fresh process and return the JSON line it prints last.
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, append_section, median, run_worker, table, usable_cores  # noqa: E402
+from _common import ROOT, append_section, median, side_by_side, table, usable_cores  # noqa: E402
 
 HF_SCRIPT = ROOT / "benchmarks" / "hf_forward.py"
 
@@ -73,16 +73,8 @@ def run_one(impl: str, args, threads: int) -> dict:
     """One fresh subprocess of `impl` with `threads` threads; its parsed JSON line."""
     common = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
               "--iters", str(args.iters), "--threads", str(threads)]
-    env = dict(os.environ)
-    if args.omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    if impl == "ours":
-        cmd = [sys.executable, __file__, "--worker", *common]
-        if threads == 1:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-    else:
-        cmd = [args.transformers_python, str(HF_SCRIPT), *common]
-    return run_worker(cmd, threads, env, impl)
+    return side_by_side(impl, __file__, HF_SCRIPT, args.transformers_python, common, threads,
+                        args.omp_wait_policy)
 
 
 def main() -> int:

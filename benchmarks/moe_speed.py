@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, append_section, median, run_worker, table, timed, usable_cores  # noqa: E402
+from _common import ROOT, append_section, median, side_by_side, table, timed, usable_cores  # noqa: E402
 
 HF_SCRIPT = ROOT / "benchmarks" / "hf_train_step.py"
 
@@ -93,14 +93,7 @@ def run_one(impl: str, args, config: Path, threads: int) -> dict:
     common = ["--config", str(config), "--batch", str(args.batch), "--seq", str(args.seq),
               "--iters", str(args.iters), "--moe-tokens", str(args.moe_tokens),
               "--threads", str(threads)]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    if impl == "ours":
-        cmd = [sys.executable, __file__, "--worker", *common]
-        if threads == 1:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-    else:
-        cmd = [args.transformers_python, str(HF_SCRIPT), *common]
-    return run_worker(cmd, threads, env, impl)
+    return side_by_side(impl, __file__, HF_SCRIPT, args.transformers_python, common, threads)
 
 
 def main() -> int:

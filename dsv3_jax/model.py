@@ -90,11 +90,9 @@ def _stack_blocks(cfg: ModelConfig, n: int, rngs: nnx.Rngs, **kw) -> Block:
 
 
 # Set by the training step (`unrolled_for_training`): on CPU its layer loop is unrolled. XLA:CPU's
-# while loop over stacked layers stacks the residuals and writes each layer's gradients into a
-# stacked buffer with dynamic-update-slices; unrolled, the 64-expert training step of
-# benchmarks/moe_speed.py is ~10% faster (tiny config: same compile time). A forward pass alone
-# is slower unrolled on CPU (every layer's temporaries live at once), so inference keeps the
-# loop, and so do accelerators (compile time at 61 layers).
+# loop copies residuals and each layer's gradients in and out of stacked buffers; unrolled, the
+# 64-expert step of benchmarks/moe_speed.py is ~10% faster (tiny config: same compile time). A
+# forward alone is slower unrolled on CPU, so inference keeps the loop, as do accelerators.
 _UNROLL_FOR_TRAINING: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "unroll_for_training", default=False)
 
