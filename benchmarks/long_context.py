@@ -138,8 +138,9 @@ def serve_worker(args) -> None:
 
     cfg = model_config(args)
     model = init_model(cfg, seed=0)
+    # no prefix cache: the warm run repeats the prompt and must prefill it again, chunk by chunk
     engine = Engine(model, max_seq_len=args.prompt + args.new, max_batch=1, speculative=False,
-                    prefill_chunk=args.chunk or None)
+                    prefill_chunk=args.chunk or None, prefix_cache=False)
     prompt = random_tokens(args.prompt, cfg.vocab_size, seed=1).tolist()
     runs = []
     for _ in range(2):  # cold (compiles), warm
