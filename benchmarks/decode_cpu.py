@@ -280,7 +280,9 @@ def main() -> int:
     t_start = time.perf_counter()
 
     print("1. engine vs transformers", flush=True)
-    engines = {b: Engine(model, max_seq_len=args.prompt + args.new, max_batch=b, speculative=False)
+    # no prefix cache: every round repeats its prompts, and transformers' generate has none
+    engines = {b: Engine(model, max_seq_len=args.prompt + args.new, max_batch=b, speculative=False,
+                         prefix_cache=False)
                for b in sorted(set(args.batch_list) | {1})}
     for b, e in engines.items():  # compile the prefill bucket and decode window of each
         e.generate(prompts(b, args.prompt, cfg.vocab_size), 2)
