@@ -16,6 +16,10 @@ each micro-batch's loss is normalised by the kept predictions of the whole step 
 sums of all micro-batches, `losses.weight_sums`), so accumulation still equals one big batch
 when micro-batches keep different numbers of tokens.
 
+`trained_tokens` in the metrics: the step's scored predictions of the main head (all tokens of
+plain windows; without padding and document ends when packed; the assistant's tokens in
+fine-tuning), the denominator of its cross entropy.
+
 Non-finite steps: when the loss or the global gradient norm is inf or NaN the step changes
 nothing (`skip_if_not_finite`) and reports `skipped = 1`; the loop counts consecutive skips
 (`--max-skipped`).
@@ -54,11 +58,12 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
         forward = functools.partial(pipeline_forward, microbatches=microbatches or pipeline_stages())
     k = batches.shape[0]
     depths = len(model.mtp) if mtp_lambda > 0 else 0
+    # the step's kept predictions, over all micro-batches (the main head's: its trained tokens)
+    flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (segment_ids, loss_mask)]
+    step_shape = (k * batches.shape[1], batches.shape[2])
     denominators = None
     if (segment_ids is not None or loss_mask is not None) and k > 1:
-        # the step's kept predictions, over all micro-batches
-        flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (segment_ids, loss_mask)]
-        denominators = weight_sums(*flat, (k * batches.shape[1], batches.shape[2]), depths) / k
+        denominators = weight_sums(*flat, step_shape, depths) / k
 
     def loss_fn(p, batch, seg, mask):
         m = nnx.merge(graphdef, p, rest, copy=True)
@@ -92,7 +97,8 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
     update_routing_bias(model, counts, mtp_counts, bias_gamma)
     skip_if_not_finite((model, optimizer), old, finite)
     return dict(parts, grad_norm=grad_norm, imbalance=load_imbalance(counts),
-                skipped=(~finite).astype(jnp.int32))
+                skipped=(~finite).astype(jnp.int32),
+                trained_tokens=weight_sums(*flat, step_shape, 0)[0])
 
 
 def skip_if_not_finite(state_owner, old: list, finite) -> None:
