@@ -58,6 +58,9 @@ class PipelineError(ValueError):
     """A pipeline layout that cannot run (too few layers, micro-batches that do not fit)."""
 
 
+SCHEDULE_NAMES = {"gpipe": "GPipe", "1f1b": "1F1B", "zb": "ZB-H1", "dualpipev": "DualPipeV"}
+
+
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
     """Which layers run before the pipeline and how many each stage holds."""
@@ -66,19 +69,33 @@ class StagePlan:
     microbatches: int
     dense_before: int          # dense layers, all run before the pipeline
     moe_before: int            # MoE layers [0, moe_before) run before the pipeline
-    moe_per_stage: int         # stage s holds MoE layers moe_before + s * moe_per_stage + [0, n)
+    moe_per_stage: int         # MoE layers per chunk: virtual stage v holds layers
+                               # moe_before + v * moe_per_stage + [0, moe_per_stage)
+    chunks: int = 1            # chunks per stage (2: dualpipev's V)
+    schedule: str = "gpipe"    # sharding/schedules.py
 
     @property
     def bubble(self) -> float:
-        """GPipe's idle fraction of each stage's ticks: (P - 1) / (M + P - 1)."""
-        return (self.stages - 1) / (self.microbatches + self.stages - 1)
+        """The schedule's idle share of a step, from its table (F = 1, B = 2, W = 1; GPipe
+        and 1F1B: (P - 1) / (M + P - 1))."""
+        from sharding.schedules import make_schedule
+        return make_schedule(self.schedule, self.stages, self.microbatches).bubble_fraction()
 
     def describe(self) -> str:
         before = f"{self.dense_before} dense + {self.moe_before} MoE" if self.moe_before else \
             f"{self.dense_before} dense"
-        return (f"pipeline: {self.stages} stages x {self.moe_per_stage} MoE layers ({before} "
-                f"layers before it, on all devices), {self.microbatches} micro-batches, GPipe "
-                f"bubble (P-1)/(M+P-1) = {self.bubble:.1%}")
+        per = (f"{self.chunks} chunks x {self.moe_per_stage}" if self.chunks > 1 else
+               f"{self.moe_per_stage}")
+        if self.schedule == "gpipe":
+            bubble = f"GPipe bubble (P-1)/(M+P-1) = {self.bubble:.1%}"
+        else:
+            from sharding.schedules import make_schedule
+            peak = max(make_schedule(self.schedule, self.stages, self.microbatches)
+                       .peak_activations())
+            bubble = (f"{SCHEDULE_NAMES[self.schedule]} bubble {self.bubble:.1%} (from its "
+                      f"table, F=1 B=2 W=1), at most {peak} micro-batch chunks in flight")
+        return (f"pipeline: {self.stages} stages x {per} MoE layers ({before} layers before "
+                f"it, on all devices), {self.microbatches} micro-batches, {bubble}")
 
 
 def pipeline_stages() -> int:
@@ -87,18 +104,22 @@ def pipeline_stages() -> int:
     return 1 if mesh.empty else mesh.shape.get(AXIS, 1)
 
 
-def plan_stages(cfg, stages: int, microbatches: int) -> StagePlan:
-    """The stage assignment for `stages` pipeline stages (see the module docstring)."""
+def plan_stages(cfg, stages: int, microbatches: int, *, chunks: int = 1,
+                schedule: str = "gpipe") -> StagePlan:
+    """The stage assignment for `stages` pipeline stages of `chunks` chunks each (see the
+    module docstring; the MoE layers that do not fill a round of chunks run before)."""
     if microbatches < 1:
         raise PipelineError(f"microbatches must be >= 1, got {microbatches}")
-    n_moe = cfg.num_moe_layers
-    if n_moe < stages:
+    n_moe, v = cfg.num_moe_layers, stages * chunks
+    if n_moe < v:
+        what = f"{stages} stages" + (f" x {chunks} chunks" if chunks > 1 else "")
         raise PipelineError(
-            f"the pipeline axis has {stages} stages but the model has only {n_moe} MoE layers "
+            f"the pipeline axis has {what} but the model has only {n_moe} MoE layers "
             f"(of {cfg.num_hidden_layers}; the {cfg.num_dense_layers} dense layers run before "
-            f"the pipeline): use at most {n_moe} stages")
+            f"the pipeline): use at most {n_moe // chunks} stages")
     return StagePlan(stages=stages, microbatches=microbatches, dense_before=cfg.num_dense_layers,
-                     moe_before=n_moe % stages, moe_per_stage=n_moe // stages)
+                     moe_before=n_moe % v, moe_per_stage=n_moe // v, chunks=chunks,
+                     schedule=schedule)
 
 
 def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],

@@ -73,6 +73,8 @@ class RunConfig:
     bias_gamma: float = 0.001
     accumulate: int = 1                # split each step's batch into this many micro-batches
     microbatches: int = 0              # pipeline micro-batches per micro-batch (0: one per stage)
+    pipeline_schedule: str = "gpipe"   # gpipe, 1f1b, zb or dualpipev (sharding/schedules.py)
+    print_schedule: bool = False       # print the pipeline schedule's table and exit
     remat: bool = False
     capacity_factor: float = 0.0       # expert-parallel dispatch capacity per expert (0: dropless)
     moments_dtype: str = "fp32"        # AdamW first moment: fp32 or bf16 (second moment stays fp32)
@@ -97,7 +99,8 @@ def step_fn(run: RunConfig):
     instead (the checkpoint stays intact; tests/test_train_state.py)."""
     return nnx.jit(functools.partial(train_step, mtp_lambda=run.mtp_lambda,
                                      balance_alpha=run.balance_alpha, bias_gamma=run.bias_gamma,
-                                     microbatches=run.microbatches or None),
+                                     microbatches=run.microbatches or None,
+                                     pipeline_schedule=run.pipeline_schedule),
                    donate_argnums=(0, 1))
 
 
@@ -107,16 +110,26 @@ def _pipeline_plan(run: RunConfig, cfg: ModelConfig, mesh):
     if run.microbatches < 0:
         raise TrainingError(f"--microbatches must be >= 0 (0: one per pipeline stage), got "
                             f"{run.microbatches}")
+    from sharding.schedules import SCHEDULES, ScheduleError, make_schedule
+    if run.pipeline_schedule not in SCHEDULES:
+        raise TrainingError(f"--pipeline-schedule {run.pipeline_schedule!r}: use one of "
+                            f"{', '.join(SCHEDULES)}")
     if stages == 1:
+        if run.pipeline_schedule != "gpipe":
+            raise TrainingError(f"--pipeline-schedule {run.pipeline_schedule} applies to pipeline "
+                                f"meshes only (--mesh pipeline=N,...); the mesh is "
+                                f"{run.mesh or 'none'}")
         if run.microbatches > 1:
             raise TrainingError(f"--microbatches {run.microbatches} applies to pipeline meshes "
                                 f"only (--mesh pipeline=N,...); the mesh is {run.mesh or 'none'}")
         return None
     from sharding.pipeline import PipelineError, check_microbatches, plan_stages
     try:
-        plan = plan_stages(cfg, stages, run.microbatches or stages)
+        sched = make_schedule(run.pipeline_schedule, stages, run.microbatches or stages)
+        plan = plan_stages(cfg, stages, run.microbatches or stages, chunks=sched.chunks,
+                           schedule=run.pipeline_schedule)
         check_microbatches(run.batch_size // run.accumulate, plan, mesh)
-    except PipelineError as e:
+    except (PipelineError, ScheduleError) as e:
         raise TrainingError(f"--mesh {run.mesh}: {e}") from None
     return plan
 
@@ -217,6 +230,13 @@ def _check_out_dir(out: Path) -> None:
 
 def train(run: RunConfig, *, log=print) -> list[dict]:
     """Run training; returns the per-step metrics (also written to OUT/metrics.jsonl)."""
+    if run.print_schedule:  # the pipeline schedule's table, from the flags alone
+        from sharding.schedules import ScheduleError, for_mesh
+        try:
+            log(for_mesh(run.mesh, run.microbatches, run.pipeline_schedule).format())
+        except ScheduleError as e:
+            raise TrainingError(str(e)) from None
+        return []
     from sharding.distributed import initialize_from_env
     initialize_from_env()
     out = Path(run.out)

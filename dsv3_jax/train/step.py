@@ -8,8 +8,10 @@ and `accumulate=k` over k equal micro-batches computes the same step as one batc
 size (tested).
 
 Under a mesh with a pipeline axis > 1 the forward pass is `sharding.pipeline.pipeline_forward`
-(GPipe over the MoE layers, each batch cut into `microbatches`); the loss, gradients and counts
-are the same function of the batch.
+(GPipe over the MoE layers, each batch cut into `microbatches`), or with another
+`pipeline_schedule` (1f1b, zb, dualpipev) the loss is `sharding.scheduled_pipeline.
+pipeline_lm_loss` (explicit per-stage backward passes in the schedule's order); the loss,
+gradients and counts are the same function of the batch.
 
 Packed documents (`segment_ids`, [accumulate, micro_batch, seq + 1], dsv3_jax/packing.py):
 each micro-batch's loss is normalised by the kept predictions of the whole step (the weight
@@ -38,6 +40,7 @@ from dsv3_jax.model import Transformer, unrolled_for_training
 from dsv3_jax.train.balance import load_imbalance, update_routing_bias
 from dsv3_jax.train.losses import lm_loss, weight_sums
 from sharding.pipeline import pipeline_forward, pipeline_stages
+from sharding.scheduled_pipeline import pipeline_lm_loss
 
 
 def train_step(model: Transformer, optimizer: nnx.Optimizer,
@@ -45,17 +48,21 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
                segment_ids: Int[Array, "accumulate micro seq_plus_1"] | None = None,
                loss_mask: Int[Array, "accumulate micro seq_plus_1"] | None = None, *,
                mtp_lambda: float = 0.3, balance_alpha: float = 1e-4, bias_gamma: float = 0.001,
-               microbatches: int | None = None) -> dict:
+               microbatches: int | None = None, pipeline_schedule: str = "gpipe") -> dict:
     """Update `model` and `optimizer` in place; returns the step's metrics (fp32 scalars/arrays).
 
     `segment_ids`: packed documents of each row (0 = padding; dsv3_jax/train/losses.py).
     `loss_mask`: 1 where a row token is a scored target (fine-tuning: the assistant's tokens).
     `microbatches`: pipeline micro-batches per micro-batch of `batches` (None: one per pipeline
-    stage); used only under a mesh whose pipeline axis is > 1."""
+    stage); used only under a mesh whose pipeline axis is > 1, as `pipeline_schedule`
+    (sharding/schedules.py)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    forward = None
-    if pipeline_stages() > 1:
+    forward, loss = None, lm_loss
+    if pipeline_stages() > 1 and pipeline_schedule == "gpipe":
         forward = functools.partial(pipeline_forward, microbatches=microbatches or pipeline_stages())
+    elif pipeline_stages() > 1:
+        loss = functools.partial(pipeline_lm_loss, schedule=pipeline_schedule,
+                                 microbatches=microbatches or pipeline_stages())
     k = batches.shape[0]
     depths = len(model.mtp) if mtp_lambda > 0 else 0
     # the step's kept predictions, over all micro-batches (the main head's: its trained tokens)
@@ -67,8 +74,8 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
 
     def loss_fn(p, batch, seg, mask):
         m = nnx.merge(graphdef, p, rest, copy=True)
-        fwd = None if forward is None else functools.partial(forward, m)
-        total, (parts, out) = lm_loss(m, batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha,
+        fwd = {} if forward is None else {"forward": functools.partial(forward, m)}
+        total, (parts, out) = loss(m, batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha,
                                       segment_ids=seg, loss_mask=mask, denominators=denominators,
                                       forward=fwd)
         return total, (parts, out.expert_counts, out.mtp_expert_counts)
