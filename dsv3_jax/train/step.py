@@ -76,8 +76,8 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer,
         m = nnx.merge(graphdef, p, rest, copy=True)
         fwd = {} if forward is None else {"forward": functools.partial(forward, m)}
         total, (parts, out) = loss(m, batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha,
-                                      segment_ids=seg, loss_mask=mask, denominators=denominators,
-                                      forward=fwd)
+                                   segment_ids=seg, loss_mask=mask, denominators=denominators,
+                                   **fwd)
         return total, (parts, out.expert_counts, out.mtp_expert_counts)
 
     grad_fn = jax.value_and_grad(unrolled_for_training()(loss_fn), has_aux=True)
