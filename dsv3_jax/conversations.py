@@ -15,6 +15,7 @@ assistant turn it is trained on too, so the model learns to stop.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from tokenizers import Tokenizer
 
 from dsv3_jax.data import DataError
 from dsv3_jax.serve.chat import FALLBACK, ChatError, ChatTemplate, _compile, check_messages
+
+MIN_SPLIT = 10  # conversations needed before a held-out split is taken from them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +125,69 @@ def encode_conversation(template: ChatTemplate, tokenizer: Tokenizer, messages: 
     return Conversation(np.asarray(ids, np.int32), np.asarray(mask, np.int32), where)
 
 
+def held_out_split(convs: Sequence[Conversation], fraction: float
+                   ) -> tuple[list[Conversation], list[Conversation]]:
+    """(trained on, held out): about `fraction` of the conversations held out for evaluation.
+
+    Whole conversations, chosen by a hash of their token ids (so the split does not depend on
+    the order of the lines or on the seed, and holds across resumes): the ones with the smallest
+    hashes, at least one, and every copy of a held-out conversation, so none is also trained on.
+    Nothing is held out when `fraction` is 0 or there are fewer than MIN_SPLIT conversations."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"held-out fraction {fraction} must be in [0, 1)")
+    if fraction == 0 or len(convs) < MIN_SPLIT:
+        return list(convs), []
+    keys = [hashlib.sha256(c.ids.tobytes()).hexdigest() for c in convs]
+    want = max(1, round(fraction * len(convs)))
+    held: set[str] = set()
+    for key in sorted(set(keys)):
+        if sum(k in held for k in keys) >= want:
+            break
+        held.add(key)
+    trained = [c for c, k in zip(convs, keys) if k not in held]
+    if not trained:
+        raise DataError(f"holding out {fraction} of {len(convs)} conversations leaves none to "
+                        "train on (they are copies of one another)")
+    return trained, [c for c, k in zip(convs, keys) if k in held]
+
+
+def next_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Rows of indices into `lengths`, filled in order: an item that does not fit closes the row;
+    one longer than `width` takes a row of its own (cut to it)."""
+    rows, used = [[]], 0
+    for i, n in enumerate(lengths):
+        n = min(n, width)
+        if used + n > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows if rows[0] else []
+
+
+def fill_rows(convs: Sequence[Conversation], rows: Sequence[Sequence[int]], width: int,
+              pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, segment ids, loss mask) [len(rows), width] of rows of conversation indices: each
+    conversation its own segment 1, 2, ..., cut to `width`; the rest padding (segment 0, mask 0)."""
+    shape = (len(rows), width)
+    tokens = np.full(shape, pad_id, np.int32)
+    segments, mask = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(row, start=1):
+            c = convs[i]
+            n = min(len(c.ids), width)
+            tokens[r, at:at + n], mask[r, at:at + n] = c.ids[:n], c.mask[:n]
+            segments[r, at:at + n] = seg
+            at += n
+    return tokens, segments, mask
+
+
+def trainable(conv: Conversation, width: int) -> int:
+    """Scored predictions of `conv` in a row of `width` tokens (the first token is no target)."""
+    return int(conv.mask[1:width].sum())
+
+
 def load_conversations(source: str | Path, tokenizer: Tokenizer, eos_id: int,
                        template: ChatTemplate | None = None) -> list[Conversation]:
     """Every conversation of `source` rendered with `template` (default: serving's fallback
@@ -144,7 +210,8 @@ class ConversationPacker:
     Each epoch the conversations are taken in a permutation seeded by (seed, epoch) and packed
     next fit: one that does not fit closes the row (the rest is padding: segment id 0, mask 0).
     A conversation is never split across rows; one longer than a row is cut to a row's length
-    (`truncated` counts them). Every process reads its own contiguous slice of each global
+    (`truncated` counts them, `untrainable` those of them cut before any assistant token; when
+    that is every conversation, an error). Every process reads its own contiguous slice of each global
     batch; `state()` / `restore` as `dsv3_jax.data.TokenBatcher`."""
 
     def __init__(self, conversations: Sequence[Conversation], batch_size: int, seq_len: int,
@@ -156,6 +223,12 @@ class ConversationPacker:
         self.process_index, self.process_count = process_index, process_count
         self.batch_per_process = batch_size // process_count
         self.truncated = sum(len(c.ids) > seq_len + 1 for c in self.convs)
+        # conversations whose assistant tokens all lie past the cut: they train on nothing
+        self.untrainable = sum(trainable(c, seq_len + 1) == 0 for c in self.convs)
+        if self.convs and self.untrainable == len(self.convs):
+            raise DataError(f"no conversation has an assistant token within its first --seq-len "
+                            f"{seq_len} + 1 tokens ({self.truncated} of {len(self.convs)} are "
+                            "longer and cut): nothing to train on; raise --seq-len")
         self.epoch, self.position = 0, 0
         self._rows_epoch, self._rows = -1, []
         if self.batches_per_epoch < 1:
@@ -167,15 +240,9 @@ class ConversationPacker:
         """This epoch's rows, each a list of conversation indices."""
         if self._rows_epoch != self.epoch:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.convs))
-            rows, used, width = [[]], 0, self.seq_len + 1
-            for i in order.tolist():
-                n = min(len(self.convs[i].ids), width)
-                if used + n > width:
-                    rows.append([])
-                    used = 0
-                rows[-1].append(i)
-                used += n
-            self._rows, self._rows_epoch = rows, self.epoch
+            rows = next_fit([len(self.convs[i].ids) for i in order], self.seq_len + 1)
+            self._rows = [[int(order[j]) for j in row] for row in rows]
+            self._rows_epoch = self.epoch
         return self._rows
 
     @property
@@ -184,24 +251,13 @@ class ConversationPacker:
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This process's slice of the next global batch: (tokens, segment ids, loss mask)."""
-        rows = self._layout()
         first = self.position * self.batch_size + self.process_index * self.batch_per_process
-        width = self.seq_len + 1
-        shape = (self.batch_per_process, width)
-        tokens = np.full(shape, self.pad_id, np.int32)
-        segments, mask = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-        for r in range(self.batch_per_process):
-            at = 0
-            for seg, i in enumerate(rows[first + r], start=1):
-                c = self.convs[i]
-                n = min(len(c.ids), width)
-                tokens[r, at:at + n], mask[r, at:at + n] = c.ids[:n], c.mask[:n]
-                segments[r, at:at + n] = seg
-                at += n
+        rows = self._layout()[first:first + self.batch_per_process]
+        batch = fill_rows(self.convs, rows, self.seq_len + 1, self.pad_id)
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        return tokens, segments, mask
+        return batch
 
     def state(self) -> dict:
         return {"conversations": len(self.convs), "seed": self.seed, "epoch": self.epoch,

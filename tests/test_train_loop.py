@@ -54,6 +54,10 @@ def test_loss_falls_and_metrics_are_written(corpus, config, tmp_path):
     assert all(abs(x["eval_ppl"] - np.exp(x["eval_loss"])) < 1e-6 * x["eval_ppl"] for x in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
     assert not any(x["skipped"] for x in lines)
+    # pretraining windows: every one of the 4 x 32 predictions is trained on
+    assert [(x["trained_tokens"], x["trained_tokens_total"]) for x in lines] == \
+        [(128, 128 * s) for s in range(1, 21)]
+    assert all(x["trained_tokens_per_s"] == x["tokens_per_s"] for x in lines)
     assert list(tmp_path.glob("events.out.tfevents.*"))  # TensorBoard, next to metrics.jsonl
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "config.json").exists()
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

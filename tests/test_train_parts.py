@@ -162,3 +162,32 @@ def test_training_step_unrolls_the_layer_loop_on_cpu_and_inference_keeps_it():
     forward = _layer_scans(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)[0](x))(
         state, ids[0, :, :-1]).jaxpr, moe_layers)
     assert forward and all(u in (1, False) for u in forward), forward
+
+
+def test_held_out_loss_is_the_mean_over_every_scored_prediction():
+    """`evaluate` on packed conversations (segment ids, the assistant mask, batches holding
+    different numbers of scored tokens, an empty padding row) equals each conversation run on
+    its own: the NLL of its assistant tokens, summed over all and divided by their count."""
+    from dsv3_jax.conversations import Conversation
+    from dsv3_jax.train.evaluate import evaluate, held_out_conversations
+    model = init_model(CFG.replace(num_hidden_layers=2), seed=0)
+    rng = np.random.default_rng(0)
+    convs = []
+    for i in range(7):
+        n = int(rng.integers(6, 20))
+        mask = (np.arange(n) >= rng.integers(2, n - 1)).astype(np.int32)  # a prompt, then a reply
+        convs.append(Conversation(rng.integers(3, CFG.vocab_size, n).astype(np.int32), mask, f"{i}"))
+    batches = held_out_conversations(convs, 2, 31, pad_id=1)
+    assert len(batches) >= 2 and not batches[-1][1][-1].any()  # the last batch ends with padding
+    got = evaluate(model, [tuple(jnp.asarray(x)[None] for x in b) for b in batches])["eval_loss"]
+    logits = nnx.jit(lambda m, x: m(x))
+    total, count = 0.0, 0
+    for c in convs:
+        ids = np.zeros((1, 32), np.int32)
+        ids[0, :len(c.ids)] = c.ids  # causal: what follows the conversation changes nothing
+        out = np.asarray(logits(model, jnp.asarray(ids)), np.float64)[0]
+        logp = out - (np.log(np.exp(out - out.max(-1, keepdims=True)).sum(-1)) + out.max(-1))[:, None]
+        for i in range(len(c.ids) - 1):
+            if c.mask[i + 1]:
+                total, count = total - logp[i, c.ids[i + 1]], count + 1
+    assert abs(got - total / count) < 1e-5 * (total / count), (got, total / count)

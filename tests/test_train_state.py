@@ -106,13 +106,17 @@ def tiny_run_config(tmp_path_factory):
 
 def test_loop_skips_non_finite_steps_and_stops_after_max_skipped(tiny_run_config, tmp_path,
                                                                   monkeypatch):
-    """Step 3 poisoned: skipped, the run goes on. Steps 5 and 6 poisoned with --max-skipped 2:
-    the run stops at step 6 with a clear error before its checkpoint; every checkpoint
-    written restores to finite values."""
+    """Step 4 gets an infinite gradient under a finite loss (a checkpoint step): skipped, the
+    run goes on. Steps 6 and 7 get data poison (NaN loss) with --max-skipped 2: the run stops
+    at step 7 with a clear error. Every checkpoint written (steps 2, 4 and 6, the last two at
+    skipped steps) restores to finite values."""
     import email
     from pathlib import Path
 
-    poisoned = {3, 5, 6}
+    from dsv3_jax.train import step as step_module
+
+    grad_poison, data_poison = {4}, {6, 7}
+    marker = 511  # the first token of a batch whose gradient is made infinite
 
     class Batcher(loop.data.TokenBatcher):
         calls = 0
@@ -120,21 +124,38 @@ def test_loop_skips_non_finite_steps_and_stops_after_max_skipped(tiny_run_config
         def next(self):
             rows = super().next()
             Batcher.calls += 1
-            if Batcher.calls in poisoned:
+            rows[0, 0] = marker if Batcher.calls in grad_poison else min(rows[0, 0], marker - 1)
+            if Batcher.calls in data_poison:
                 rows[0, 3] = POISON
             return rows
 
+    @jax.custom_vjp
+    def inf_gradient(x, flag):
+        return jnp.zeros((), jnp.float32)  # adds 0 to the loss; its gradient is inf when flag
+
+    inf_gradient.defvjp(lambda x, flag: (inf_gradient(x, flag), (x, flag)),
+                        lambda res, g: (jnp.where(res[1], jnp.inf, 0.0) * jnp.ones_like(res[0]),
+                                        None))
+    lm_loss = step_module.lm_loss
+
+    def poisoned_loss(model, batch, **kw):
+        total, aux = lm_loss(model, batch, **kw)
+        return total + inf_gradient(model.lm_head[...], batch[0, 0] == marker), aux
+
     monkeypatch.setattr(loop.data, "TokenBatcher", Batcher)
+    monkeypatch.setattr(step_module, "lm_loss", poisoned_loss)
     run = RunConfig(config=tiny_run_config, corpus=str(Path(email.__file__).parent), steps=8,
                     batch_size=4, seq_len=32, warmup_steps=2, checkpoint_every=2, lr=1e-2,
                     out=str(tmp_path), max_skipped=2)
-    with pytest.raises(TrainingError, match=r"steps 5\.\.6: 2 consecutive steps had a non-finite "
-                                            r"loss or gradient norm .*--max-skipped 2.*step 4"):
+    with pytest.raises(TrainingError, match=r"steps 6\.\.7: 2 consecutive steps had a non-finite "
+                                            r"loss or gradient norm .*--max-skipped 2.*step 6"):
         loop.train(run, log=lambda *a: None)
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped"] for r in records] == [0, 0, 1, 0, 1, 1]
+    assert [r["skipped"] for r in records] == [0, 0, 0, 1, 0, 1, 1]
+    assert np.isfinite(records[3]["loss"]) and records[3]["grad_norm"] == float("inf")
+    assert [r["trained_tokens"] for r in records] == [128, 128, 128, 0, 128, 0, 0]
     ckpt = Checkpointer(tmp_path / "checkpoints")
-    assert ckpt.all_steps() == [2, 4]
+    assert ckpt.all_steps() == [2, 4, 6]
     cfg = ModelConfig.from_json(tiny_run_config)
     for step in ckpt.all_steps():
         model = init_model(cfg)

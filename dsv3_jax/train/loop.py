@@ -3,9 +3,13 @@
 `train(RunConfig(...))` is everything `python train.py` does. Each step: the LM loss (next-token
 CE + MTP + sequence balance), an optax AdamW update of the Params, then the auxiliary-loss-free
 routing-bias update from the step's global expert counts. The data are contiguous corpus windows
-(`TokenBatcher`, DeepSeek-V3's pretraining) or, with `pack_documents`, rows of whole documents
-with segment ids (`DocumentPacker`: no attention or loss across documents). Checkpoints (orbax)
-hold the model, the optimizer, the data position and the step, so `resume=True` continues
+(`TokenBatcher`, DeepSeek-V3's pretraining), with `pack_documents` rows of whole documents
+with segment ids (`DocumentPacker`: no attention or loss across documents), or with `sft` chat
+conversations trained on the assistant tokens (dsv3_jax/train/run_data.py, which also makes the
+held-out set). Each step's record counts its `trained_tokens` (the scored predictions: the
+assistant tokens in fine-tuning), their running total and `trained_tokens_per_s` next to
+`tokens_per_s` (all tokens). Checkpoints (orbax) hold the model, the optimizer, the data
+position, the step and the trained-token total, so `resume=True` continues
 exactly (and cuts metrics.jsonl back to the restored step, dsv3_jax/train/metrics.py). The
 state is donated to the step (`step_fn`); a step whose loss or gradient norm is not finite
 changes nothing and is logged as `skipped`, and `max_skipped` of them in a row stop the run.
@@ -33,15 +37,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dsv3_jax import data
 from dsv3_jax.checkpoint import Checkpointer, CheckpointRestoreError
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.conversations import ConversationPacker, load_conversations
 from dsv3_jax.model import init_model
-from dsv3_jax.packing import DocumentPacker
 from dsv3_jax.weights import load_hf
-from dsv3_jax.train.evaluate import evaluate, held_out_batches
+from dsv3_jax.train.evaluate import evaluate
 from dsv3_jax.train.flops import flops_per_token, mfu
 from dsv3_jax.train.metrics import MetricsLog
 from dsv3_jax.train.optimizer import make_optimizer
 from dsv3_jax.train.plot import write_plot
+from dsv3_jax.train.run_data import load_run_data
 from dsv3_jax.train.step import train_step
 
 MOMENTS_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}
@@ -83,6 +86,7 @@ class RunConfig:
     eval_corpus: str | None = None     # held-out text/.jsonl/folder: mean loss and perplexity
     eval_every: int = 0                # steps between evaluations (0: at each checkpoint)
     sft: str | None = None             # chat .jsonl file/folder: fine-tune on the assistant turns
+    eval_fraction: float = 0.02        # --sft without --eval-corpus: conversations held out (0: none)
 
 
 class TrainingError(RuntimeError):
@@ -157,53 +161,6 @@ def _batch_layout(run: RunConfig, mesh):
         sharding, rows.reshape(k, micro // procs, -1), shape)
 
 
-def _held_out(run: RunConfig, tokenizer, bos, eos, to_global) -> list | None:
-    """The fixed held-out batches of --eval-corpus (dsv3_jax/train/evaluate.py), placed like the
-    training batches; None without --eval-corpus."""
-    if run.eval_every < 0:
-        raise TrainingError(f"--eval-every {run.eval_every}: must be >= 0 (0: at each checkpoint)")
-    if not run.eval_corpus:
-        if run.eval_every:
-            raise TrainingError(f"--eval-every {run.eval_every} needs --eval-corpus PATH, the "
-                                "held-out text to evaluate on")
-        return None
-    try:
-        tokens = data.encode_corpus(data.corpus_files(run.eval_corpus), tokenizer, eos_id=eos,
-                                    bos_id=bos)
-        rows = held_out_batches(tokens, run.batch_size, run.seq_len,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    except data.DataError as e:
-        raise TrainingError(f"--eval-corpus {run.eval_corpus}: {e}") from None
-    return [to_global(r) for r in rows]
-
-
-def _sft_batcher(run: RunConfig, tokenizer, eos: int, layout: dict, log) -> ConversationPacker:
-    """--sft: the chat file's conversations, rendered with the checkpoint's chat template
-    (--init-from-hf DIR's, as serve.py renders them) or serving's default one, packed whole."""
-    if run.pack_documents:
-        raise TrainingError("--sft packs whole conversations itself; drop --pack-documents")
-    from dsv3_jax.serve.loading import LoadError, _chat_template
-    template = None
-    if run.init_from_hf:
-        try:
-            template = _chat_template(Path(run.init_from_hf))
-        except LoadError as e:
-            raise TrainingError(f"--init-from-hf: {e}") from None
-    try:
-        convs = load_conversations(run.sft, tokenizer, eos, template)
-        batcher = ConversationPacker(convs, run.batch_size, run.seq_len, pad_id=eos, **layout)
-    except data.DataError as e:
-        raise TrainingError(f"--sft {run.sft}: {e}") from None
-    trained = sum(int(c.mask.sum()) for c in convs)
-    total = sum(len(c.ids) for c in convs)
-    log(f"fine-tuning on {len(convs)} conversations ({run.sft}, chat template: "
-        f"{'--init-from-hf' if template else 'serving default'}): {trained:,} of {total:,} tokens "
-        f"are assistant tokens (trained on); {batcher.truncated} longer than --seq-len "
-        f"{run.seq_len} + 1 were cut to it")
-    return batcher
-
-
 def replicate_unplaced(optimizer: nnx.Optimizer, mesh) -> None:
     """Put the optimizer's scalars (step counts, made on one device) on the mesh, replicated:
     the step returns them there, and a changed input sharding would recompile step 2."""
@@ -269,17 +226,12 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     bos, eos = data.document_markers(cfg.bos_token_id, cfg.eos_token_id, tokenizer)
     layout = dict(seed=run.seed, process_index=jax.process_index(),
                   process_count=jax.process_count())
-    eval_batches = _held_out(run, tokenizer, bos, eos, to_global)
-    if run.sft:
-        batcher = _sft_batcher(run, tokenizer, eos, layout, log)
-        num_tokens = sum(len(c.ids) for c in batcher.convs)
-    else:
-        tokens = data.encode_corpus(files, tokenizer, eos_id=eos, bos_id=bos)
-        num_tokens = len(tokens)
-        if run.pack_documents:
-            batcher = DocumentPacker(tokens, run.batch_size, run.seq_len, eos_id=eos, **layout)
-        else:
-            batcher = data.TokenBatcher(tokens, run.batch_size, run.seq_len, **layout)
+    try:
+        run_data = load_run_data(run, files, tokenizer, bos, eos, layout, log)
+    except data.DataError as e:
+        raise TrainingError(str(e)) from None
+    batcher, num_tokens = run_data.batcher, run_data.num_tokens
+    eval_batches = run_data.held_out and [tuple(map(to_global, b)) for b in run_data.held_out]
     model = init_model(cfg, seed=run.seed, precision=run.precision, remat=run.remat, mesh=mesh,
                        capacity_factor=run.capacity_factor or None)
     if run.init_from_hf:
@@ -297,7 +249,7 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     if mesh is not None:
         replicate_unplaced(optimizer, mesh)
     ckpt = Checkpointer(out / "checkpoints", keep=run.keep)
-    start = 0
+    start, trained_total = 0, 0  # trained_total: the trained tokens of all applied steps
     if not run.resume and ckpt.all_steps():
         ckpt.close()
         raise TrainingError(f"{out / 'checkpoints'} already holds checkpoints (steps "
@@ -313,7 +265,14 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
                                 f"{ckpt.all_steps()})") from e
         batcher.restore(extra["data"])
         start = int(extra["step"])
+        trained_total = int(extra.get("trained_tokens", 0))  # older checkpoints: counted from here
         log(f"resumed from step {start} ({out / 'checkpoints'})")
+    if mesh is None:
+        # every leaf committed to the device, as the step returns them: a mix of committed
+        # (loaded by --init-from-hf or --resume) and uncommitted (made by init or optax) leaves
+        # is another signature, and the step would compile again at step 2
+        nnx.update((model, optimizer), jax.device_put(nnx.state((model, optimizer)),
+                                                      jax.devices()[0]))
     if jax.process_index() == 0:
         tokenizer.save(str(out / "tokenizer.json"))
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -338,10 +297,13 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
     log(f"training {cfg.num_params() / 1e6:.1f}M parameters for {run.steps} steps: batch "
         f"{run.batch_size} x {run.seq_len} tokens"
         f"{f' in {run.accumulate} micro-batches' if run.accumulate > 1 else ''}, precision "
-        f"{run.precision}, {num_tokens:,} {'conversation' if run.sft else 'corpus'} tokens (documents: "
-        f"{'' if bos is None else f'{tokenizer.id_to_token(bos)} '}text "
-        f"{tokenizer.id_to_token(eos)})"
-        f"{packing}, out {out}"
+        f"{run.precision}, "
+        + (f"{num_tokens:,} conversation tokens (the chat template's text, then "
+           f"{tokenizer.id_to_token(eos)})" if run.sft else
+           f"{num_tokens:,} corpus tokens (documents: "
+           f"{'' if bos is None else f'{tokenizer.id_to_token(bos)} '}text "
+           f"{tokenizer.id_to_token(eos)})")
+        + f"{packing}, out {out}"
         f"{f', process {jax.process_index()} of {jax.process_count()}' if jax.process_count() > 1 else ''}")
     try:
         with (MetricsLog(out, start) if primary else contextlib.nullcontext()) as mlog, \
@@ -359,11 +321,16 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
                         f"{float(parts['grad_norm'])}: not finite, step skipped (state unchanged; "
                         f"{consecutive} in a row, --max-skipped {run.max_skipped})")
                 now = time.perf_counter()
+                dt = max(now - t_last, 1e-9)
+                trained = 0 if skipped else int(parts["trained_tokens"])
+                trained_total += trained
                 record = {"step": step + 1, "loss": float(parts["loss"]), "ce": float(parts["ce"]),
                           "mtp": float(parts["mtp"]), "balance": float(parts["balance"]),
                           "grad_norm": float(parts["grad_norm"]), "skipped": skipped,
                           "imbalance": [round(float(v), 3) for v in parts["imbalance"]],
-                          "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+                          "tokens_per_s": tokens_per_step / dt, "trained_tokens": trained,
+                          "trained_tokens_total": trained_total,
+                          "trained_tokens_per_s": trained / dt}
                 record["mfu"] = mfu(record["tokens_per_s"], cfg, run.seq_len)
                 done = step + 1
                 if eval_batches and (done % (run.eval_every or run.checkpoint_every) == 0
@@ -383,7 +350,8 @@ def train(run: RunConfig, *, log=print) -> list[dict]:
                         f"checkpoint (step {ckpt.latest_step()}) holds finite values; lower --lr "
                         "or check the data")
                 if done % run.checkpoint_every == 0 or done == run.steps or stop["signal"]:
-                    ckpt.save(done, model, optimizer, {"step": done, "data": batcher.state()})
+                    ckpt.save(done, model, optimizer, {"step": done, "data": batcher.state(),
+                                                       "trained_tokens": trained_total})
                 if stop["signal"]:
                     log(f"stopped by signal {stop['signal']} after step {done}; checkpoint saved")
                     break
@@ -409,7 +377,7 @@ def _progress(record: dict, total: int, log) -> None:
     if record["step"] % 50 == 0 or record["step"] == total or "eval_loss" in record:
         log(f"{chr(10) if tty else ''}step {record['step']}/{total}: loss {record['loss']:.4f} "
             f"(ce {record['ce']:.4f}, mtp {record['mtp']:.4f}), {record['tokens_per_s']:.0f} "
-            f"tok/s, max/mean expert load {max(record['imbalance'] or [1.0]):.2f}"
+            f"tok/s ({record['trained_tokens_per_s']:.0f} trained), max/mean expert load {max(record['imbalance'] or [1.0]):.2f}"
             + (f", held-out loss {record['eval_loss']:.4f} (perplexity {record['eval_ppl']:.1f})"
                if "eval_loss" in record else ""))
 
