@@ -114,7 +114,7 @@ def test_bad_inputs(corpus, config, tmp_path):
         _run(corpus, tmp_path / "m", config, moments_dtype="fp16")
     with pytest.raises(TrainingError, match="--capacity-factor 1.25: .* expert-parallel dispatch"):
         _run(corpus, tmp_path / "c", config, capacity_factor=1.25)
-    with pytest.raises(TrainingError, match="--eval-every 5 needs --eval-corpus PATH"):
+    with pytest.raises(TrainingError, match="--eval-every 5 needs a held-out set: --eval-corpus"):
         _run(corpus, tmp_path / "e", config, eval_every=5)
     with pytest.raises(TrainingError, match="--eval-corpus .*missing.* does not exist"):
         _run(corpus, tmp_path / "e", config, eval_corpus=str(tmp_path / "missing"))

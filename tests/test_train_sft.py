@@ -1,5 +1,6 @@
 """Supervised fine-tuning end to end: `--sft` chat data, loss on the assistant tokens only."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -28,17 +29,6 @@ def _chat_file(path, n=64, seed=0):
             f.write(json.dumps({"messages": [{"role": "user", "content": user},
                                              {"role": "assistant", "content": "OK, done."}]}) + "\n")
     return path
-
-
-def _sft_run(config, tmp_path, steps=40):
-    import email
-    from pathlib import Path
-    chat = _chat_file(tmp_path / "chat.jsonl")
-    hist = train(RunConfig(config=config, corpus=str(Path(email.__file__).parent),
-                           sft=str(chat), steps=steps, batch_size=4, seq_len=64, warmup_steps=4,
-                           checkpoint_every=steps, lr=1e-2, out=str(tmp_path / "run")),
-                 log=lambda *a: None)
-    return [h["ce"] for h in hist]
 
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>"
@@ -165,9 +155,10 @@ def test_sft_from_hf_learns_resumes_exactly_after_sigkill_and_serves(hf_checkpoi
 
 
 @pytest.mark.slow
-def test_without_the_mask_the_loss_stays_high(config, tmp_path, monkeypatch):
-    """The same run scoring every token: the random user turns keep the loss far from 0 (the
-    masked run's low loss is the mask's doing)."""
+def test_without_the_mask_the_loss_stays_high(hf_checkpoint, tmp_path, monkeypatch):
+    """The acceptance run's training (same checkpoint, data and flags, in this process) scoring
+    every token: the random user turns keep the loss far from 0, so the masked run's loss near
+    0 is the mask's doing."""
     from dsv3_jax.conversations import ConversationPacker
     masked_next = ConversationPacker.next
 
@@ -176,7 +167,11 @@ def test_without_the_mask_the_loss_stays_high(config, tmp_path, monkeypatch):
         return tokens, segments, (segments > 0).astype(np.int32)
 
     monkeypatch.setattr(ConversationPacker, "next", unmasked)
-    ce = _sft_run(config, tmp_path)
+    hist = train(RunConfig(config=str(hf_checkpoint / "config.json"), init_from_hf=str(hf_checkpoint),
+                           sft=str(_chat_file(tmp_path / "chat.jsonl")), steps=40, batch_size=4,
+                           seq_len=64, warmup_steps=4, checkpoint_every=10, lr=1e-2,
+                           out=str(tmp_path / "run")), log=lambda *a: None)
+    ce = [h["ce"] for h in hist]
     print(f"unmasked: CE {ce[0]:.3f} -> {np.mean(ce[-5:]):.3f} (mean of the last 5 steps)")
     assert np.mean(ce[-5:]) > 1.0, ce
 
@@ -191,3 +186,10 @@ def test_sft_errors_name_the_flag_and_line(config, tmp_path):
                     steps=1, batch_size=4, seq_len=64, out=str(tmp_path / "run"))
     with pytest.raises(TrainingError, match=r"--sft .*bad.jsonl: .*bad.jsonl:2: "):
         train(run, log=lambda *a: None)
+    good = _chat_file(tmp_path / "good.jsonl", n=12)
+    with pytest.raises(TrainingError, match=r"--sft .*good.jsonl: held-out fraction 1.5 must be in "
+                                            r"\[0, 1\)"):
+        train(dataclasses.replace(run, sft=str(good), eval_fraction=1.5), log=lambda *a: None)
+    with pytest.raises(TrainingError, match=r"--eval-every 5 needs a held-out set"):
+        train(dataclasses.replace(run, sft=str(good), eval_fraction=0.0, eval_every=5),
+              log=lambda *a: None)
