@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from dsv3_jax.serve.buckets import DEFAULT_PREFILL_CHUNK
+
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,9 +44,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default=None,
                    help="overrides --dtype; fp8 keeps an FP8 checkpoint's weights as stored")
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help="prefill long prompts N tokens per scheduler step, decoding the other "
-                        "requests in between (default: whole prompts at once)")
+                        f"requests in between (default {DEFAULT_PREFILL_CHUNK}; 0: whole prompts "
+                        "at once, stalling the running streams while a prompt is prefilled)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt in full (default: reuse the cached rows of a "
+                        "previous prompt's shared prefix)")
     p.add_argument("--no-precompile", action="store_true",
                    help="compile the engine's programs lazily, on first use, instead of every prefill "
                         "and decode bucket before serving (--port)")
@@ -79,10 +85,10 @@ def main(argv=None) -> None:
     engine = Engine(model, max_seq_len=max_seq_len, max_batch=args.max_batch, mesh=mesh,
                     speculative=False if args.no_speculative else None, max_queue=args.max_queue,
                     detokenize=tokenizer.decode if tokenizer is not None else None,
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk or None, prefix_cache=not args.no_prefix_cache)
     log(f"loaded {name}: {cfg.num_params() / 1e6:.1f}M parameters in {time.perf_counter() - t0:.1f}s; "
         f"max_seq_len {max_seq_len}, max_batch {args.max_batch}, speculative {engine.speculative}, "
-        f"prefill chunk {args.prefill_chunk or 'whole prompts'}, "
+        f"prefill chunk {args.prefill_chunk or 'whole prompts'}, prefix cache {not args.no_prefix_cache}, "
         f"tokenizer {'yes' if tokenizer else 'none'}, chat template {'yes' if template else 'fallback'}")
     defaults = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -1,7 +1,8 @@
 """The engine's prefill: expanded blockwise attention, in chunks (`prefill_chunk`) against one
-whole-prompt prefill, and decode steps of other requests running between a prompt's chunks."""
+whole-prompt prefill, decode steps of other requests running between a prompt's chunks, prefix
+caching and chunked prefill together against the plain path (neither), the default chunk, and
+precompile covering every bucket serving then calls."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -71,6 +72,48 @@ def test_requests_decode_between_the_chunks_of_a_long_prompt():
     assert engine._prefill_fn._cache_size() == size
 
 
+def test_prefix_caching_and_chunked_prefill_give_the_plain_paths_greedy_tokens():
+    """The acceptance check: an engine with prefix caching and 8-token prefill chunks against
+    one with neither, on shared contexts (lm-eval's pattern; a hit copied from another slot, a
+    hit followed by more chunks, a shorter shared prefix) mixed with running streams; the same
+    greedy tokens exactly."""
+    model = init_model(MTP_CFG, seed=0)
+    rng = np.random.default_rng(2)
+    context = rng.integers(3, 250, 24).tolist()
+    prompts = [[5, 6, 7], context + [9], context + [11, 12], context + rng.integers(3, 250, 8).tolist(),
+               rng.integers(3, 250, 12).tolist(), context[:20] + [13]]
+
+    def run(engine):
+        first = [engine.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts[:2]]
+        engine.step()  # the context's first prompt is prefilling; the others queue meanwhile
+        rest = [engine.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts[2:]]
+        return [r.result() for r in first + rest]
+
+    plain = Engine(model, max_seq_len=T, max_batch=2, speculative=False, prefill_chunk=None,
+                   prefix_cache=False)
+    both = Engine(model, max_seq_len=T, max_batch=2, speculative=False, prefill_chunk=8)
+    want = run(plain)
+    assert run(both) == want
+    stats = both.stats()
+    assert stats["prefix_cache_hit_tokens"] >= 2 * 23, stats  # the context's later prompts reused it
+    assert stats["prefills"] > plain.stats()["prefills"]  # and prompts went in chunks
+
+
+def test_the_default_prefill_chunk_and_turning_it_off():
+    """Chunked prefill is the default (the library's and serve.py's); None / --prefill-chunk 0
+    prefill whole prompts."""
+    import importlib.util
+    from dsv3_jax.serve.buckets import DEFAULT_PREFILL_CHUNK
+    spec = importlib.util.spec_from_file_location("serve_cli", ROOT / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    model = init_model(TINY, seed=0)
+    assert Engine(model, max_seq_len=T, max_batch=1).prefill_chunk == DEFAULT_PREFILL_CHUNK == 512
+    assert Engine(model, max_seq_len=T, max_batch=1, prefill_chunk=None).prefill_chunk is None
+    assert serve.parse(["--checkpoint", "x"]).prefill_chunk == DEFAULT_PREFILL_CHUNK
+    assert serve.parse(["--checkpoint", "x", "--prefill-chunk", "0"]).prefill_chunk == 0
+
+
 def test_prefill_chunk_must_be_positive():
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         Engine(init_model(TINY, seed=0), max_seq_len=T, max_batch=1, prefill_chunk=0)
@@ -89,3 +132,26 @@ def test_precompile_covers_what_serving_calls():
             for n, e in [(5, None), (10, 1), (2, None)]]
     assert all(len(r.result()) == 4 for r in reqs)
     assert (engine._prefill_fn._cache_size(), engine._decode_fn._cache_size()) == sizes
+
+
+def test_precompile_covers_chunks_and_prefix_hits():
+    """With chunked prefill and `prefix_hits=True`, a long prompt's later chunks and a prompt
+    that reuses another's prefix (copy, penalty history, a windowed prefill) compile nothing
+    more either; the count is what dsv3_jax/serve/buckets.py enumerates."""
+    from dsv3_jax.serve.buckets import decode_windows, prefill_shapes
+    cfg = ModelConfig.from_json(FIXTURES / "v3_mtp").replace(max_position_embeddings=64)
+    engine = Engine(init_model(cfg, seed=1), max_seq_len=48, max_batch=2, speculative=False,
+                    prefill_chunk=8)
+    shapes = prefill_shapes(48, 8, 16)
+    assert shapes == [(16, 0), (16, 32), (16, 64)]
+    helpers = 1 + 3  # copy_prefix; History.begin for prefixes of 16, 32, 64
+    assert engine.precompile(echo=False, prefix_hits=True) == 2 * len(shapes) + 2 * len(decode_windows(48)) + helpers
+    fns = (engine._prefill_fn, engine._decode_fn, engine._copy_fn, engine._begin_fn)
+    sizes = [f._cache_size() for f in fns]
+    context = list(range(3, 33))
+    reqs = [engine.submit(context + [40, 41], SamplingParams(max_new_tokens=4, repetition_penalty=1.2))]
+    engine.step()
+    reqs += [engine.submit(p, SamplingParams(max_new_tokens=4)) for p in (context + [50], list(range(60, 75)))]
+    assert all(len(r.result()) == 4 for r in reqs)
+    assert engine.stats()["prefix_cache_hit_tokens"] >= 29
+    assert [f._cache_size() for f in fns] == sizes

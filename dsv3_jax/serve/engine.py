@@ -2,13 +2,14 @@
 
 Requests wait in a bounded queue; each scheduler step (`Engine.step`, or the background thread
 from `Engine.start`) frees the slots of finished or cancelled requests, admits queued prompts
-into free slots, prefills the admitted prompts (with `prefill_chunk=N`, N tokens of each
-prompt still prefilling per step, so a long prompt is prefilled over several steps and the
+into free slots (dsv3_jax/serve/admission.py), prefills the next chunk of every admitted prompt
+(dsv3_jax/serve/prefill.py: `prefill_chunk` tokens, DEFAULT_PREFILL_CHUNK = 512 unless told
+otherwise, None for whole prompts, so a long prompt is prefilled over several steps and the
 other requests keep decoding in between), then runs ONE decode step over the slots that are
 done prefilling (one or two tokens per slot with MTP speculative decoding). Device programs
-live in dsv3_jax/serve/steps.py; their shapes are fixed (prefills bucketed by batch, chunk
-length and cache window), so there is no recompile per token or request. Token bookkeeping
-(stop tokens, stop strings, lengths) is host-side here.
+live in dsv3_jax/serve/steps.py; their shapes are bucketed (dsv3_jax/serve/buckets.py), so
+there is no recompile per token or request. Token bookkeeping (stop tokens, stop strings,
+lengths) is host-side here.
 
 While the slots hold the same requests, decode steps are chained on the device: step n + 1 is
 dispatched with step n's tokens and positions as device arrays, and the host reads step n's
@@ -41,31 +42,20 @@ from flax import nnx
 
 from dsv3_jax.serve import cache as kv
 from dsv3_jax.serve import steps
+from dsv3_jax.serve.admission import Admission
+from dsv3_jax.serve.buckets import DEFAULT_PREFILL_CHUNK, decode_window, rows_bucket
 from dsv3_jax.serve.penalties import History
+from dsv3_jax.serve.prefill import Prefill, records
 from dsv3_jax.serve.prefix_cache import PrefixIndex
 from dsv3_jax.serve.slot_params import SlotParams
 from dsv3_jax.serve.request import QueueFull, Request, RequestError, SamplingParams, validate
 from dsv3_jax.serve.sampling import SamplingArrays
 from sharding.rules import batch_axes
 
-__all__ = ["Engine", "QueueFull", "Request", "RequestError", "SamplingParams"]
+__all__ = ["DEFAULT_PREFILL_CHUNK", "Engine", "QueueFull", "Request", "RequestError", "SamplingParams"]
 
-MIN_PREFILL = 16  # shortest prompt bucket
-MIN_WINDOW = 128  # shortest cache prefix a decode step attends over
+
 HEALTH_FAILURES = 3  # scheduler steps failing in a row before /health says unhealthy
-
-
-def _records(arrays, row: int, n: int, k: int | None) -> list | None:
-    """The first `n` (logprob, top ids, top logprobs) records of `row` from host arrays
-    ([rows, steps], [rows, steps, K], [rows, steps, K]), top lists cut to `k`."""
-    if k is None:
-        return None
-    chosen, ids, lps = arrays
-    return [(float(chosen[row, j]), ids[row, j, :k].tolist(), lps[row, j, :k].tolist()) for j in range(n)]
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -82,13 +72,17 @@ class _InFlight:
     logprobs: tuple | None = None  # steps.token_logprobs of the step, when a slot asked for them
 
 
-class Engine:
-    """Serve a `Transformer`: `submit` prompts, tokens stream back (see the module docstring)."""
+class Engine(Admission, Prefill):
+    """Serve a `Transformer`: `submit` prompts, tokens stream back (see the module docstring).
+
+    `prefill_chunk`: prompt tokens prefilled per scheduler step (None: whole prompts in one
+    step, stalling the running streams meanwhile); `prefix_cache`: reuse the cache rows of a
+    previous prompt's shared prefix (False: prefill every prompt in full)."""
 
     def __init__(self, model, *, max_seq_len: int, max_batch: int, mesh=None,
                  speculative: bool | None = None, max_queue: int = 256,
                  detokenize: Callable[[list[int]], str] | None = None,
-                 prefill_chunk: int | None = None, prefix_cache: bool = True):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefix_cache: bool = True):
         cfg = self.cfg = model.cfg
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch ({max_batch}) must be >= 1 and max_seq_len ({max_seq_len}) >= 2")
@@ -183,12 +177,13 @@ class Engine:
                     req._finish("cancelled")
                     self._slots[i] = None
 
-    def precompile(self, echo: bool = True) -> int:
-        """Compile every program serving can call before serving (dsv3_jax/serve/precompile.py);
-        returns how many. Call before `start()`."""
+    def precompile(self, echo: bool = True, prefix_hits: bool = False) -> int:
+        """Compile every program serving can call before serving (dsv3_jax/serve/precompile.py;
+        `prefix_hits`: the prefills after a reused prefix too); returns how many. Call before
+        `start()`."""
         from dsv3_jax.serve.precompile import precompile
         with self._step_lock:
-            return precompile(self, echo)
+            return precompile(self, echo, prefix_hits)
 
     @property
     def healthy(self) -> bool:
@@ -276,69 +271,6 @@ class Engine:
         """Each slot's request if it is done prefilling (else None): the decode steps' slots."""
         return tuple(None if i in self._prefilling else r for i, r in enumerate(self._slots))
 
-    def _dequeue(self, req: Request) -> None:
-        """Take a cancelled request out of the queue (if it is still waiting there) and finish
-        it, so it neither holds a queue place nor waits for a free slot to be told."""
-        with self._lock:
-            try:
-                self._queue.remove(req)
-            except ValueError:  # admitted already (its slot is freed by the scheduler) or done
-                return
-            req._finish("cancelled")
-
-    def _admit(self) -> list[tuple[int, Request]]:
-        """Queued requests into free slots (the lowest first, or the one holding the longest
-        usable prefix of the prompt), marked as prefilling from the prefix they reuse. A prompt
-        that shares a longer prefix with one being prefilled right now waits for it."""
-        free = [i for i, r in enumerate(self._slots) if r is None]
-        out, waiting = [], []
-        coming = [(self._slots[s].prompt, self._slots[s].params.prompt_logprobs) for s in self._prefilling]
-        with self._lock:
-            while free and self._queue:
-                req = self._queue.popleft()
-                if req._cancelled:
-                    req._finish("cancelled")
-                    continue
-                src, length = None, 0
-                if self._prefix is not None:
-                    need = req.params.prompt_logprobs
-                    src, length = self._prefix.best(req.prompt, need, prefer=free)
-                    if self._prefix.wait_for(req.prompt, length, coming, need):
-                        waiting.append(req)
-                        continue
-                slot = src if src in free else free[0]
-                free.remove(slot)
-                self._slots[slot] = req
-                records = None if src is None else self._prefix.records[src]  # before any is reused
-                out.append((slot, req, src, length, records))
-                coming.append((req.prompt, req.params.prompt_logprobs))
-            self._queue.extendleft(reversed(waiting))
-        for slot, req, src, length, records in out:
-            self._prefilling[slot] = length
-            if self._prefix is not None:
-                self._reuse_prefix(slot, req, src, length, records)
-            self._params.set(slot, req.params)
-        return [(slot, req) for slot, req, *_ in out]
-
-    def _reuse_prefix(self, slot: int, req: Request, src: int | None, length: int, records) -> None:
-        """Give `slot` the first `length` cached positions of slot `src` (dsv3_jax/serve/prefix_cache.py)."""
-        self._stats["prefix_cache_query_tokens"] += len(req.prompt)
-        if not length:
-            self._prefix.clear(slot)
-            return
-        self._stats["prefix_cache_hit_tokens"] += length
-        k = req.params.prompt_logprobs
-        if k is not None:
-            req.prompt_logprobs = [None] + [(lp, ids[:k], lps[:k]) for lp, ids, lps in
-                                            records[1][1:length + 1]]
-        if src != slot:
-            self._cache = self._call(self._copy_fn, self._cache, np.int32(src), np.int32(slot),
-                                     np.int32(length))
-        self._prefix.set(slot, req.prompt[:length])
-        prefix = np.zeros(_pow2_at_least(length), np.int32)
-        prefix[:length] = req.prompt[:length]
-        self._history = self._call(self._begin_fn, self._history, np.int32(slot), prefix, np.int32(length))
-
     def _sampling(self, rows=None, k: int | None = None) -> SamplingArrays:
         """The sampling arrays of `rows` (host), or of the first `k` slots for a decode step
         (on the device, kept until the next admission)."""
@@ -351,101 +283,6 @@ class Engine:
             return fn(*args, **kw)
         with jax.set_mesh(self.mesh):
             return fn(*args, **kw)
-
-    def _prefill(self) -> None:
-        """The next chunk of every prompt still prefilling (the whole rest without
-        `prefill_chunk`), in one call per (chunk bucket, cache window); a prompt's last chunk
-        samples its first token and hands the slot to the decode steps."""
-        groups = collections.defaultdict(list)
-        for slot, done in self._prefilling.items():
-            prompt = self._slots[slot].prompt
-            n = len(prompt) - done
-            if self.prefill_chunk is not None:
-                n = min(n, self.prefill_chunk)
-            s = min(max(MIN_PREFILL, _pow2_at_least(n)), self.max_seq_len)
-            window = _pow2_at_least(done + s) if done else 0  # the view must reach start + s
-            groups[(s, window)].append((slot, done, n))
-        for (s, window), group in sorted(groups.items()):
-            self._prefill_isolated(s, window, group)
-
-    def _prefill_isolated(self, s: int, window: int, group: list) -> None:
-        """Prefill one group; when it fails, each of its prompts alone, so a failure finishes
-        only the request that causes it (the others and the cache carry on). Only when a failed
-        call consumed the donated cache are all active requests failed and the cache rebuilt."""
-        try:
-            self._prefill_group(s, window, group)
-            return
-        except Exception as e:  # noqa: BLE001
-            error = e
-        if self._device_state_lost():
-            raise error
-        if len(group) == 1:
-            slot = group[0][0]
-            if self._prefix is not None:
-                self._prefix.clear(slot)
-            self._slots[slot]._finish("error", f"{type(error).__name__}: {error}")
-            self._slots[slot] = None
-            self._prefilling.pop(slot, None)
-            return
-        for member in group:
-            self._prefill_isolated(s, window, [member])
-
-    def _device_state_lost(self) -> bool:
-        leaves = jax.tree.leaves((self._cache, self._drafts, self._history))
-        return any(a.is_deleted() for a in leaves)
-
-    def _prefill_group(self, s: int, window: int, group: list) -> None:
-        """One prefill call: chunk length bucket `s`, cache view `window`, (slot, done, n) rows."""
-        rows_n = min(self.shards * _pow2_at_least(-(-len(group) // self.shards)), self.max_batch)
-        ids, next_ids = np.zeros((rows_n, s), np.int32), np.zeros((rows_n, s), np.int32)
-        start, lengths = np.zeros(rows_n, np.int32), np.ones(rows_n, np.int32)
-        final = np.zeros(rows_n, bool)
-        rows = np.full(rows_n, self.max_batch, np.int32)  # padding rows write nowhere
-        for i, (slot, done, n) in enumerate(group):
-            prompt = self._slots[slot].prompt
-            ids[i, :n] = prompt[done:done + n]
-            after = prompt[done + 1:done + n + 1]
-            next_ids[i, :len(after)] = after
-            start[i], lengths[i], rows[i] = done, n, slot
-            final[i] = done + n == len(prompt)
-        reqs = [self._slots[slot] for slot, _, _ in group]
-        echo = any(r.params.prompt_logprobs is not None for r in reqs)
-        sp = self._sampling(np.where(rows < self.max_batch, rows, 0))
-        first, logits, self._cache, self._drafts, self._history, prompt_lps = self._call(
-            self._prefill_fn, self._weights, self._cache, self._drafts, ids, next_ids, start,
-            lengths, final, rows, sp, window=window, history=self._history, echo=echo)
-        lps = None
-        if any(r.params.logprobs is not None for r in reqs):
-            lps = [np.asarray(a).reshape(rows_n, 1, *a.shape[1:])
-                   for a in self._call(steps.token_logprobs, logits, first, sp)]
-        if echo:
-            prompt_lps = [np.asarray(a) for a in prompt_lps]
-        first = np.asarray(first)
-        self._stats["prefills"] += 1
-        for i, (slot, done, n) in enumerate(group):
-            req = self._slots[slot]
-            k = req.params.prompt_logprobs
-            if k is not None:
-                if req.prompt_logprobs is None:
-                    req.prompt_logprobs = [None]
-                chosen, top_ids, top_lps = prompt_lps
-                m = min(n, len(req.prompt) - 1 - done)  # positions whose next token is in the prompt
-                req.prompt_logprobs += [(float(chosen[i, j]), top_ids[i, j, :k].tolist(),
-                                         top_lps[i, j, :k].tolist()) for j in range(m)]
-            if self._prefix is not None:
-                self._prefix.set(slot, req.prompt[:done + n],
-                                 None if k is None else (k, req.prompt_logprobs))
-            if not final[i]:
-                self._prefilling[slot] = done + n
-                continue
-            del self._prefilling[slot]
-            if req.params.max_new_tokens == 0:  # prompt logprobs only (echo)
-                req._finish("length")
-                self._slots[slot] = None
-                self._stats["requests_finished"] += 1
-                continue
-            self._last[slot], self._pos[slot] = first[i], done + n
-            self._commit(slot, [int(first[i])], None if lps is None else _records(lps, i, 1, req.params.logprobs))
 
     def _put(self, host: np.ndarray) -> jax.Array:
         """A per-slot array on the device, laid out like the slots."""
@@ -482,7 +319,7 @@ class Engine:
         # costs what the longest context needs, not max_seq_len (one compile per window); the
         # host's positions lag the device's by the step in flight
         furthest = int(self._pos[:k][act].max()) + lag
-        window = min(self.max_seq_len, max(MIN_WINDOW, _pow2_at_least(furthest + 1)))
+        window = decode_window(furthest, self.max_seq_len)
         if self.speculative:
             tokens, accepted, self._cache, self._drafts, last, pos, logits, self._history = self._call(
                 self._spec_fn, self._weights, self._cache, self._drafts, last, pos, active, sp,
@@ -502,7 +339,7 @@ class Engine:
 
     def _slots_bucket(self, n: int) -> int:
         """The decode batch for the first `n` slots: a power of two times the batch shards."""
-        return min(self.max_batch, self.shards * _pow2_at_least(-(-n // self.shards)))
+        return rows_bucket(n, self.shards, self.max_batch)
 
     def _drain(self) -> None:
         """Read the step in flight and commit its tokens to the requests still in their slots."""
@@ -512,14 +349,14 @@ class Engine:
         k = len(f.requests)
         tokens = np.asarray(f.tokens).reshape(k, -1)
         accepted = np.zeros(k, bool) if f.accepted is None else np.asarray(f.accepted)
-        records = None
+        recs = None
         if f.logprobs is not None:
             per_slot = tokens.shape[1]
             chosen, top_ids, top_lps = (np.asarray(a) for a in f.logprobs)
             chosen = chosen.reshape(k, per_slot)
             top_ids = top_ids.reshape(k, per_slot, -1)
             top_lps = top_lps.reshape(k, per_slot, -1)
-            records = (chosen, top_ids, top_lps)
+            recs = (chosen, top_ids, top_lps)
         for slot, req in enumerate(f.requests):
             if req is None or self._slots[slot] is not req:
                 continue  # finished, cancelled or replaced since: its token is dropped
@@ -529,7 +366,7 @@ class Engine:
             n = 1 + int(accepted[slot])
             self._last[slot], self._pos[slot] = tokens[slot, n - 1], self._pos[slot] + n
             self._commit(slot, [int(t) for t in tokens[slot, :n]],
-                         None if records is None else _records(records, slot, n, req.params.logprobs))
+                         None if recs is None else records(recs, slot, n, req.params.logprobs))
 
     def _commit(self, slot: int, new: list[int], logprobs: list | None = None) -> None:
         """Append tokens to the slot's request up to its first stop condition; free when done."""
