@@ -173,6 +173,24 @@ class OpenAIAPI:
             choice["text"] = text or ""
         return {**self.head(job, True), "choices": [choice]}
 
+    def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info (vLLM's): the special tokens' strings, the chat template and the
+        context; with /tokenize and /detokenize, what lm-eval's remote tokenizer backend needs
+        (so `lm_eval --model local-completions` needs no tokenizer files of its own)."""
+        self.parser._need_tokenizer("/tokenizer_info", "tokenizer")
+        template, cfg = self.parser.chat_template, self.engine.cfg
+
+        def special(text: str, token_id) -> str | None:
+            if isinstance(token_id, list):
+                token_id = token_id[0] if token_id else None
+            return text or (None if token_id is None else self.tokenizer.id_to_token(token_id))
+        return {"tokenizer_class": "tokenizers.Tokenizer",
+                "bos_token": special(template.bos_token, cfg.bos_token_id),
+                "eos_token": special(template.eos_token, cfg.eos_token_id),
+                "pad_token": None, "chat_template": template.source,
+                "model_max_length": self.engine.max_seq_len,
+                "vocab_size": self.tokenizer.get_vocab_size()}
+
     def models(self) -> dict:
         return {"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": int(time.time()),

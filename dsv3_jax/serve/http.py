@@ -2,12 +2,12 @@
 
 POST /v1/completions and /v1/chat/completions (JSON, or server-sent events with
 `"stream": true`, ending `data: [DONE]`), POST /tokenize and /detokenize, GET /v1/models,
-/health (503 when the engine cannot step) and /metrics (Prometheus text). Errors are
-OpenAI-shaped, `{"error": {"message", "type", "code", "param"}}`: 400, 404, 405, 408 (body
-slower than `Limits.body_timeout`), 413 (body over `Limits.max_body_bytes`), 429 (engine queue
-full), 503 (over `Limits.max_concurrency`, or shutting down), 504 (past
-`Limits.generation_timeout`), 500. Once an event stream's headers
-are out, an error is sent as an `{"error": ...}` event followed by `data: [DONE]`.
+/tokenizer_info, /health (503 when the engine cannot step) and /metrics (Prometheus text).
+Errors are OpenAI-shaped, `{"error": {"message", "type", "code", "param"}}`: 400, 404, 405,
+408 (body slower than `Limits.body_timeout`), 413 (body over `Limits.max_body_bytes`), 429
+(engine queue full), 503 (over `Limits.max_concurrency`, or shutting down), 504 (past
+`Limits.generation_timeout`), 500. Once an event stream's headers are out, an error is sent as
+an `{"error": ...}` event followed by `data: [DONE]`.
 
 Waiting costs no thread: each engine request calls back into the event loop when it has news
 (Request.add_listener). A client that disconnects (starlette's disconnect event: the ASGI
@@ -36,7 +36,7 @@ from dsv3_jax.serve.metrics import Metrics
 
 __all__ = ["Limits", "OpenAIAPI", "Server", "make_app", "serve_http"]
 
-GET = ("/health", "/v1/models", "/metrics")
+GET = ("/health", "/v1/models", "/metrics", "/tokenizer_info")
 POST = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 
 
@@ -119,6 +119,8 @@ class App:
                                      "draining": self.draining}, status_code=200 if healthy else 503)
             if path == "/v1/models":
                 return JSONResponse(self.api.models())
+            if path == "/tokenizer_info":
+                return JSONResponse(self.api.tokenizer_info())
             if path == "/metrics":
                 body, content_type = self.metrics.render()
                 return Response(body, media_type=content_type)
