@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.layers import grouped_matmul as gm
+from dsv3_jax.layers.grouped_ffn import grouped_ffn
 from dsv3_jax.layers import platform_gmm
 from dsv3_jax.layers.linear import Precision
 from dsv3_jax.layers.moe import expert_ffn
@@ -132,14 +133,13 @@ def _ffn_inputs(seed=0, d=16, f=12):
 
 
 def test_expert_ffn_on_cpu_is_ours_bit_for_bit():
-    """Nothing changes on CPU: expert_ffn equals the grouped_matmul.py composition exactly."""
+    """On CPU expert_ffn is ours exactly: the fused tile loop of grouped_ffn.py (itself equal
+    to the three grouped_matmul.py products, tests/test_grouped_ffn.py)."""
     layout, x, ws = _ffn_inputs()
     p = Precision(jnp.float32, False)
 
-    def old(ws, x):  # expert_ffn before the per-backend choice
-        g = gm.grouped_matmul(x, ws[0], layout, jnp.float32)
-        u = gm.grouped_matmul(x, ws[1], layout, jnp.float32)
-        return gm.grouped_matmul(jax.nn.silu(g) * u, ws[2], layout, jnp.float32)
+    def old(ws, x):
+        return grouped_ffn(x, *ws, layout, jnp.float32)
 
     loss = lambda f: lambda ws, x: jnp.sum(jnp.sin(f(ws, x)))  # noqa: E731
     new = lambda ws, x: expert_ffn(ws, x, layout, p)  # noqa: E731

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8 import QuantizedWeight
 from dsv3_jax.layers import grouped_matmul as gm
+from dsv3_jax.layers.grouped_ffn import grouped_ffn
 from dsv3_jax.layers import platform_gmm
 from dsv3_jax.layers.linear import Precision, as_precision, param
 from dsv3_jax.layers.mlp import MLP
@@ -144,6 +145,8 @@ def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout
     dtype = precision.dtype
     fp8 = precision.fp8 or isinstance(w_gate, QuantizedWeight)
     impl = platform_gmm.current(fp8=fp8, dtype=dtype)
+    if impl == "ours" and not fp8:  # one loop over the tiles for the whole FFN
+        return grouped_ffn(xs, w_gate, w_up, w_down, layout, dtype, out_dtype)
 
     def matmul(x, w, out=None):
         return platform_gmm.grouped_matmul(x, w, layout, dtype, out, impl, fp8=fp8)
