@@ -158,6 +158,7 @@ class Setup:
     serve: bool = False
     accumulate: int = 1
     microbatches_arg: int = 0            # pipeline micro-batches (0: one per stage)
+    pipeline_schedule: str = "gpipe"     # sharding/schedules.py
     param_dtype: str = "fp32"            # training: fp32 master weights; serving: bf16
     moments_dtype: str = "bf16"
     precision: str = "bf16"              # compute: bf16 activations and matmuls

@@ -112,6 +112,9 @@ def add_setup_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--serve", action="store_true", help="plan the decode step, not training")
     ap.add_argument("--accumulate", type=int, default=1)
     ap.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (0: P)")
+    ap.add_argument("--pipeline-schedule", default="gpipe",
+                    choices=("gpipe", "1f1b", "zb", "dualpipev"),
+                    help="pipeline schedule (sharding/schedules.py)")
     ap.add_argument("--param-dtype", choices=DTYPES, default=None,
                     help="stored parameters (default fp32 master weights; bf16 serving)")
     ap.add_argument("--moments-dtype", choices=DTYPES, default="bf16")
@@ -125,6 +128,7 @@ def setup_from_args(args, mesh: str | None = None) -> Setup:
     return make_setup(args.config, mesh if mesh is not None else args.mesh, args.devices,
                       batch=args.batch, seq=args.seq, serve=args.serve,
                       accumulate=args.accumulate, microbatches_arg=args.microbatches,
+                      pipeline_schedule=args.pipeline_schedule,
                       param_dtype=args.param_dtype or ("bf16" if args.serve else "fp32"),
                       moments_dtype=args.moments_dtype, precision=args.precision,
                       remat=args.remat, capacity_factor=args.capacity_factor, mtp=args.mtp)

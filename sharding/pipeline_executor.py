@@ -26,52 +26,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax._src.api import NotNeeded, NotSaveable  # jax.vjp's sentinels (jax 0.12's VJP object)
 
 from sharding.schedule_program import COL, Program
+from sharding.stage_calculus import LayerStack, Vjp
 
 AXIS = "pipeline"
-
-
-def _is_sentinel(x) -> bool:
-    return isinstance(x, (NotSaveable, NotNeeded))
-
-
-@dataclasses.dataclass
-class ChunkCalculus:
-    """A function `fun(params, x) -> (out, aux)` differentiated in pieces: `forward` returns
-    the residual leaves to store, `backward` rebuilds the VJP from them and the parameters.
-    `params` are never saved (they are the stage's own, at hand at the backward). Every
-    `fun` passed (one per micro-batch: they close over its data) must trace alike: the first
-    trace fixes the residuals' structure."""
-
-    treedef: object = None
-    avals: list | None = None
-    split: object = None    # backward_split.SplitBackward, for B / W halves
-
-    def forward(self, fun, params, x):
-        out, vjp, aux = jax.vjp(fun, params, x, has_aux=True, saveable_args=(False, True))
-        leaves, treedef = jax.tree.flatten(vjp)
-        if self.treedef is None:
-            self.treedef = treedef
-            self.avals = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in leaves]
-        elif [(v.shape, v.dtype) for v in leaves] != [(a.shape, a.dtype) for a in self.avals]:
-            raise AssertionError("a stage's residuals changed between traces")
-        return out, aux, leaves
-
-    def vjp(self, params, leaves):
-        vjp = jax.tree.unflatten(self.treedef, leaves)
-        args = list(vjp.args_res)  # mirrors (params, x), containers as tuples
-        saved, tree = jax.tree.flatten(args[0], is_leaf=_is_sentinel)
-        given = jax.tree.leaves(params)
-        assert len(saved) == len(given), (len(saved), len(given))
-        args[0] = jax.tree.unflatten(tree, [p if isinstance(r, NotSaveable) else r
-                                            for r, p in zip(saved, given)])
-        return vjp.replace(args_res=args)
-
-    def backward(self, params, leaves, ct):
-        """(d params, d x)."""
-        return self.vjp(params, leaves)(ct)
 
 
 def _write(buf, slot, value):
@@ -90,21 +49,15 @@ def _read_all(bufs, slot):
     return [b[k] for b in bufs]
 
 
-def _add_at(trees, c, values):
-    return jax.tree.map(lambda a, v: a.at[c].add(v.astype(a.dtype)), trees, values)
-
-
 @dataclasses.dataclass
 class StageSetup:
-    """What the executor needs besides the program: the chunk and loss calculi, the stage's
-    parameters ([chunks, layers, ...] leaves), the loss head's, the micro-batch inputs and
-    the per-micro-batch data of the layers (`layer_data(i)`) and of the loss (`post_data(i)`)."""
+    """What the executor needs besides the program."""
 
-    chunk: ChunkCalculus
-    post: ChunkCalculus
-    make_chunk: Callable   # i -> fun(params, x) -> ((y, balance), {"expert_counts", "dropped"})
-    make_post: Callable    # i -> fun(post_params, y) -> (loss, aux)
-    params: list                    # [chunks, layers, ...] leaves
+    stack: LayerStack               # the stage's chunk of layers
+    post: Vjp                       # the loss head (last virtual stage)
+    consts: Callable                # i -> the layers' constants of micro-batch i (rotary, segments)
+    make_post: Callable             # i -> fun(post_params, y) -> (loss, aux) of micro-batch i
+    params: list                    # [chunks * layers, ...] leaves: chunk c from layer c * n
     post_params: object
     xs: jax.Array                   # [M, mb, seq, embed] (virtual stage 0's inputs)
     balance_ct: float               # d loss / d (a layer's balance term of one micro-batch)
@@ -117,12 +70,12 @@ def run_program(prog: Program, st: StageSetup):
     P, chunks = prog.schedule.stages, prog.schedule.chunks
     stage = jax.lax.axis_index(AXIS)
     act_shape, act_dtype = st.xs.shape[1:], st.act_dtype
-    chunk_params = [[v[c] for v in st.params] for c in range(chunks)]
+    n = st.stack.n
     x0 = jnp.zeros(act_shape, act_dtype)
 
     # shapes of residuals, outputs and aux: one abstract trace each (also fixes the treedefs)
     def probe_chunk():
-        return st.chunk.forward(st.make_chunk(0), chunk_params[0], x0)
+        return st.stack.forward(st.params, 0, x0, st.consts(0))
 
     (_, bal_s), aux_s, res_s = jax.eval_shape(probe_chunk)
 
@@ -144,36 +97,41 @@ def run_program(prog: Program, st: StageSetup):
         | {"balance": jnp.zeros((chunks, *bal_s.shape), bal_s.dtype)},
         post_aux=jax.tree.map(zeros, post_aux_s),
     )
+    ct_balance = jnp.full(bal_s.shape[1:], st.balance_ct, bal_s.dtype)  # one layer's
     if prog.schedule.split_backward:
-        split = st.chunk.split
-        carry["stash"] = [zeros(s, prog.slots["stash"]) for s in split.stash_avals]
-    ct_balance = jnp.full(bal_s.shape, st.balance_ct, bal_s.dtype)
+        st.stack.build_split(st.params, x0, st.consts(0), ct_balance)
+        carry["stash"] = [jnp.zeros((prog.slots["stash"], n, *s.shape), s.dtype)
+                          for s in st.stack.split.stash_avals]
 
-    def do_f(carry, row, c, loss):
+    def do_f(carry, row, c):
         i, inn = row[COL["f_micro"]], row[COL["f_in"]]
         x = jnp.where(inn < 0, st.xs[i].astype(act_dtype), carry["act"][jnp.maximum(inn, 0)])
-        (y, bal), aux, res = st.chunk.forward(st.make_chunk(i), chunk_params[c], x)
+        (y, bal), aux, res = st.stack.forward(st.params, c * n, x, st.consts(i))
         carry = dict(carry, res=_write_all(carry["res"], row[COL["f_res"]], res))
         new_aux = dict(aux, balance=bal)
         carry["aux"] = {k: carry["aux"][k].at[c].add(new_aux[k]) for k in carry["aux"]}
         carry["loss"] = carry["loss"] + st.balance_ct * jnp.sum(bal)
-        if loss:
-            lp, post_aux, post_res = st.post.forward(st.make_post(i), st.post_params, y)
-            carry["post_res"] = _write_all(carry["post_res"], row[COL["f_post"]], post_res)
-            carry["loss"] = carry["loss"] + lp
-            carry["post_aux"] = jax.tree.map(jnp.add, carry["post_aux"], post_aux)
-        return carry, y
 
-    def ct_of(carry, row, loss):
+        def post(carry):  # the last virtual stage: the loss head, its residuals stored
+            lp, post_aux, post_res = st.post.forward(st.make_post(i), st.post_params,
+                                                     y.astype(act_dtype))
+            return dict(carry, post_res=_write_all(carry["post_res"], row[COL["f_post"]], post_res),
+                        loss=carry["loss"] + lp,
+                        post_aux=jax.tree.map(jnp.add, carry["post_aux"], post_aux))
+        return jax.lax.cond(row[COL["f_post"]] >= 0, post, lambda c: c, carry), y
+
+    def ct_of(carry, row):
         """The gradient arriving at a backward's outputs: from the loss head on the last
         virtual stage (whose gradients are added here), else from the inbox."""
-        if not loss:
+        def post(carry):
+            res = _read_all(carry["post_res"], row[COL["b_post"]])
+            d_post, dy = st.post.backward(st.post_params, res, jnp.ones((), loss_s.dtype))
+            grads = jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry["post_grads"], d_post)
+            return dict(carry, post_grads=grads), dy.astype(act_dtype)
+
+        def inbox(carry):
             return carry, carry["grad"][jnp.maximum(row[COL["b_ct"]], 0)]
-        res = _read_all(carry["post_res"], row[COL["b_post"]])
-        d_post, dy = st.post.backward(st.post_params, res, jnp.ones((), loss_s.dtype))
-        carry = dict(carry, post_grads=jax.tree.map(lambda a, d: a + d.astype(a.dtype),
-                                                    carry["post_grads"], d_post))
-        return carry, dy
+        return jax.lax.cond(row[COL["b_post"]] >= 0, post, inbox, carry)
 
     def put_dx(carry, row, dx):
         i = row[COL["b_micro"]]
@@ -181,38 +139,39 @@ def run_program(prog: Program, st: StageSetup):
         dxs = carry["dxs"]
         return dict(carry, dxs=dxs.at[i].set(jnp.where(first, dx.astype(dxs.dtype), dxs[i])))
 
-    def do_bw(carry, row, c, loss):
-        carry, dy = ct_of(carry, row, loss)
+    def do_bw(carry, row, c):
+        carry, dy = ct_of(carry, row)
         res = _read_all(carry["res"], row[COL["b_res"]])
-        d_params, dx = st.chunk.backward(chunk_params[c], res, (dy.astype(act_dtype), ct_balance))
-        carry = dict(carry, grads=_add_at(carry["grads"], c, d_params))
-        return put_dx(carry, row, dx), dx
+        dx, grads = st.stack.backward(st.params, c * n, res, st.consts(row[COL["b_micro"]]),
+                                      dy.astype(act_dtype), ct_balance, carry["grads"])
+        return put_dx(dict(carry, grads=grads), row, dx), dx
 
-    def do_b(carry, row, c, loss):
-        carry, dy = ct_of(carry, row, loss)
+    def do_b(carry, row, c):
+        carry, dy = ct_of(carry, row)
         res = _read_all(carry["res"], row[COL["b_res"]])
-        dx, stash = st.chunk.split.input_grad(chunk_params[c], res,
-                                               (dy.astype(act_dtype), ct_balance))
+        dx, stash = st.stack.input_grad(st.params, c * n, res, st.consts(row[COL["b_micro"]]),
+                                        dy.astype(act_dtype), ct_balance)
         carry = dict(carry, stash=_write_all(carry["stash"], row[COL["b_stash"]], stash))
         return put_dx(carry, row, dx), dx
 
     def do_w(carry, row, c):
         res = _read_all(carry["res"], row[COL["w_res"]])
         stash = _read_all(carry["stash"], row[COL["w_stash"]])
-        d_params = st.chunk.split.weight_grad(chunk_params[c], res, stash)
-        return dict(carry, grads=_add_at(carry["grads"], c, d_params))
+        grads = st.stack.weight_grad(st.params, c * n, res, st.consts(row[COL["w_micro"]]),
+                                     stash, carry["grads"])
+        return dict(carry, grads=grads)
 
     def branch(ops):
         def run(carry, row):
             out_act, out_grad = x0, x0
-            for kind, c, loss in ops:
+            for kind, c in ops:
                 if kind == "F":
-                    carry, y = do_f(carry, row, c, loss)
+                    carry, y = do_f(carry, row, c)
                     out_act = y.astype(act_dtype)
                 elif kind == "BW":
-                    carry, out_grad = do_bw(carry, row, c, loss)
+                    carry, out_grad = do_bw(carry, row, c)
                 elif kind == "B":
-                    carry, out_grad = do_b(carry, row, c, loss)
+                    carry, out_grad = do_b(carry, row, c)
                 else:
                     carry = do_w(carry, row, c)
             return carry, out_act, out_grad.astype(act_dtype)

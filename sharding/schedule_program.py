@@ -28,9 +28,10 @@ FIELDS = ("branch", "f_micro", "f_in", "f_res", "f_post", "b_micro", "b_ct", "b_
           "local_act", "local_grad")
 COL = {name: i for i, name in enumerate(FIELDS)}
 
-# an op of a branch: (kind, chunk, loss) with kind F, B, BW or W; loss: the op runs the last
-# virtual stage, whose F also computes the loss and whose backward starts from it
-Op = tuple[str, int, bool]
+# an op of a branch: (kind, chunk) with kind F, B, BW or W. Whether an op runs the last virtual
+# stage (whose F also computes the loss and whose backward starts from it) is data: the
+# f_post / b_post fields are >= 0 there.
+Op = tuple[str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +145,7 @@ def compile_program(sched: Schedule) -> Program:
             ops = []
             for a in sorted(cell, key=lambda a: a.kind == "F"):  # backward first
                 v = sched.virtual(s, a.chunk)
-                ops.append((a.kind, a.chunk, v == last))
+                ops.append((a.kind, a.chunk))
                 if a.kind == "F":
                     table[t, s, COL["f_micro"]] = a.micro
                 elif a.kind == "W":

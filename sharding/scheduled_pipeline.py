@@ -40,7 +40,8 @@ from sharding.mesh import platform as mesh_platform
 from sharding.pipeline import (AXIS, PipelineError, _layer_split_spec, _run_layers, _split,
                                _stage_dispatcher, _variables, check_microbatches, pipeline_stages,
                                plan_stages, stage_rules)
-from sharding.pipeline_executor import ChunkCalculus, StageSetup, run_program
+from sharding.pipeline_executor import StageSetup, run_program
+from sharding.stage_calculus import LayerStack, Vjp
 from sharding.rules import constrain, use_rules
 from sharding.schedule_program import compile_program
 from sharding.schedules import ScheduleError, make_schedule
@@ -156,37 +157,35 @@ def _execute(ctx, prog, pipelined, post_params, xs, data):
     gd, treedef = ctx["graphdef"], ctx["treedef"]
 
     def stage_program(pipelined, post_params, xs, data):
-        stage_params = [v.reshape(chunks, n, *v.shape[1:]) for v in pipelined]
         dispatcher = _stage_dispatcher(gd, pipelined, treedef)
 
-        def make_chunk(i):
-            seg = None if data["seg"] is None else data["seg"][i]
+        def layer(params, x, consts):
+            block = nnx.merge(gd, jax.tree.unflatten(treedef, params))
+            if dispatcher is not None:
+                block.mlp.dispatcher = dispatcher
+            y, aux = block(x, *consts)
+            return (constrain(y, ACT), aux["balance"]), {"expert_counts": aux["expert_counts"],
+                                                         "dropped": aux["dropped"]}
 
-            def chunk(params, x):
-                y, aux = _run_layers(gd, params, treedef, x, data["cos"][i], data["sin"][i],
-                                     ctx["remat"], dispatcher, segment_ids=seg)
-                return (y, aux["balance"]), {"expert_counts": aux["expert_counts"],
-                                             "dropped": aux["dropped"]}
-            return chunk
+        def consts(i):
+            return (data["cos"][i], data["sin"][i], None if data["seg"] is None else data["seg"][i])
 
         def make_post(i):
             return lambda params, y: _post_loss(ctx, params, y, {
                 k: (None if v is None or k == "den" else v[i]) for k, v in data.items()
             } | {"den": data["den"]}, dispatcher)
 
-        st = StageSetup(chunk=ChunkCalculus(), post=ChunkCalculus(), make_chunk=make_chunk,
-                        make_post=make_post, params=stage_params, post_params=post_params, xs=xs,
+        stack = LayerStack(jax.checkpoint(layer) if ctx["remat"] else layer, n)
+        st = StageSetup(stack=stack, post=Vjp(), consts=consts, make_post=make_post,
+                        params=pipelined, post_params=post_params, xs=xs,
                         balance_ct=ctx["balance_alpha"] / M, act_dtype=ctx["dtype"])
-        if sched.split_backward:
-            from sharding.backward_split import SplitBackward
-            st.chunk.split = SplitBackward(st.chunk)
         c = run_program(prog, st)
         aux = {"stack": {k: v[None] for k, v in c["aux"].items()}}
         aux["stack"]["balance"] = aux["stack"]["balance"] / M   # a mean over the batch's sequences
         parts = jax.lax.psum(c["post_aux"]["parts"], AXIS)
         post = jax.lax.psum(c["post_aux"]["mtp"], AXIS)
         loss = jax.lax.psum(c["loss"], AXIS)
-        grads = ([g.reshape(chunks * n, *g.shape[2:]) for g in c["grads"]],
+        grads = (c["grads"],
                  jax.lax.psum(c["post_grads"], AXIS),
                  jax.lax.psum(c["dxs"].astype(ctx["cross"]), AXIS))
         return (loss, parts, {"stack": aux["stack"], "post": post}), grads

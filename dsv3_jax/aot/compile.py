@@ -149,13 +149,16 @@ def compile_train(setup, target: Target = CPU) -> Compiled:
     abstract, shardings = _placed(state, mesh)
     micro = setup.batch // setup.accumulate
     if setup.stages > 1:
-        check_microbatches(micro, plan_stages(setup.config, setup.stages, setup.microbatches),
-                           mesh)
+        from sharding.schedules import make_schedule
+        chunks = make_schedule(setup.pipeline_schedule, setup.stages, setup.microbatches).chunks
+        check_microbatches(micro, plan_stages(setup.config, setup.stages, setup.microbatches,
+                                              chunks=chunks), mesh)
     batch_sharding = NamedSharding(mesh, P(None, batch_axes(mesh) or None, None))
     batches = jax.ShapeDtypeStruct((setup.accumulate, micro, setup.seq + 1), jnp.int32,
                                    sharding=batch_sharding)
     step = functools.partial(train_step, mtp_lambda=0.3 if setup.mtp else 0.0,
-                             microbatches=setup.microbatches)
+                             microbatches=setup.microbatches,
+                             pipeline_schedule=setup.pipeline_schedule)
 
     def run(state, batches):
         model, optimizer = nnx.merge(graphdef, state)
