@@ -73,6 +73,7 @@ def test_sft_from_hf_learns_resumes_exactly_after_sigkill_and_serves(hf_checkpoi
     train.py processes sharing a persistent compilation cache (the resumed one compiles
     nothing)."""
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -110,13 +111,14 @@ def test_sft_from_hf_learns_resumes_exactly_after_sigkill_and_serves(hf_checkpoi
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from step 10" in resumed.stdout, resumed.stdout
+    restored = int(re.search(r"resumed from step (\d+)", resumed.stdout).group(1))
+    assert restored in (10, 20, 30), resumed.stdout  # 10 unless this process was starved
     assert "1 held out for evaluation (--eval-fraction 0.02" in resumed.stdout, resumed.stdout
 
     # metrics.jsonl: each step once; the resumed steps are the killed run's, bit for bit
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
-    overlap = [s for s in killed if s > 10]
+    overlap = [s for s in killed if s > restored]
     assert len(overlap) >= 2, sorted(killed)
     for s in overlap:
         assert {k: records[s - 1][k] for k in ("loss", "ce", "grad_norm", "trained_tokens")} == \
