@@ -26,8 +26,9 @@ EOS = 1
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(port, model, tokenizer): an in-process server over a random-weight model (the v3_mtp
-    fixture's architecture: MTP, so speculative decoding runs) and a BPE tokenizer trained here."""
+    """(port, model, tokenizer, engine): an in-process server over a random-weight model (the
+    v3_mtp fixture's architecture, speculative decoding off: fewer programs to compile) and a
+    BPE tokenizer trained here."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from dsv3_jax import ModelConfig, init_model
@@ -147,3 +148,17 @@ def test_lm_eval_local_completions_matches_the_models_logits(served, tmp_path, m
         assert sample["resps"][0][0] == text, context
         matches.append(float(text.strip() == sample["target"].strip()))
     assert out["results"]["dsv3_gen"]["exact_match,none"] == pytest.approx(np.mean(matches))
+
+
+def test_tokenizer_info_is_what_lm_evals_remote_tokenizer_reads(served):
+    """GET /tokenizer_info: the special tokens' strings (lm-eval encodes them through /tokenize
+    to find their ids), the chat template, the context."""
+    utils = pytest.importorskip("lm_eval.utils")
+    port, _, tok, _ = served
+    remote = utils.RemoteTokenizer(f"http://127.0.0.1:{port}/v1/completions")
+    info = remote.tokenizer_info
+    assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<|bos|>", "<|eos|>", CONTEXT)
+    assert (remote.bos_token_id, remote.eos_token_id) == (0, EOS)
+    assert remote.encode("def main(") == tok.encode("def main(", add_special_tokens=False).ids
+    assert remote.decode(remote.encode("def main(")) == "def main("
+    assert "messages" in info["chat_template"]
