@@ -204,7 +204,9 @@ class Setup:
     def describe(self) -> str:
         what = (f"serve {self.batch} slots x {self.seq} context" if self.serve else
                 f"train batch {self.batch} x {self.seq}, accumulate {self.accumulate}, "
-                f"{self.microbatches} micro-batches, moments {self.moments_dtype}, "
+                f"{self.microbatches} micro-batches"
+                f"{f' ({self.pipeline_schedule})' if self.stages > 1 else ''}, moments "
+                f"{self.moments_dtype}, "
                 f"remat {'on' if self.remat else 'off'}")
         cf = f", capacity factor {self.capacity_factor}" if self.capacity_factor else ", dropless"
         params = self.param_dtype
@@ -319,6 +321,16 @@ def _train(setup: Setup) -> Estimate:
                      f"stack is stored FSDP-split over the pipeline axis, its last "
                      f"{P * (cfg.num_moe_layers // P)} layers resharded to their stages each "
                      "step (sharding/pipeline.py; counted in stage_copies)")
+    if P > 1 and setup.pipeline_schedule != "gpipe":
+        # the executor's buffers, from the schedule's table; the loss head runs per
+        # micro-batch on the last virtual stage (dsv3_jax/plan_pipeline.py)
+        from dsv3_jax.plan_pipeline import schedule_parts
+        sched_parts, sched_notes = schedule_parts(
+            setup, tok=tok, tok_mb=tok_mb, c=c, layer_working=attention + dispatch,
+            stage_copy=stage_layer_bytes(setup, setup.param_jnp))
+        del parts["vocab"]
+        parts.update(sched_parts, logits=loss_peak_bytes(tok_mb, D, local_vocab, heads))
+        notes = sched_notes + notes
     return Estimate(parts, flops_per_token(cfg, S), setup.batch * S, notes)
 
 

@@ -103,10 +103,13 @@ def run_program(prog: Program, st: StageSetup):
         carry["stash"] = [jnp.zeros((prog.slots["stash"], n, *s.shape), s.dtype)
                           for s in st.stack.split.stash_avals]
 
-    def do_f(carry, row, c):
+    def f_input(carry, row):
         i, inn = row[COL["f_micro"]], row[COL["f_in"]]
-        x = jnp.where(inn < 0, st.xs[i].astype(act_dtype), carry["act"][jnp.maximum(inn, 0)])
-        (y, bal), aux, res = st.stack.forward(st.params, c * n, x, st.consts(i))
+        return jnp.where(inn < 0, st.xs[i].astype(act_dtype), carry["act"][jnp.maximum(inn, 0)])
+
+    def f_finish(carry, row, c, out, aux, res):
+        """Store an F's residuals and statistics; the loss head on the last virtual stage."""
+        (y, bal), i = out, row[COL["f_micro"]]
         carry = dict(carry, res=_write_all(carry["res"], row[COL["f_res"]], res))
         new_aux = dict(aux, balance=bal)
         carry["aux"] = {k: carry["aux"][k].at[c].add(new_aux[k]) for k in carry["aux"]}
@@ -119,6 +122,11 @@ def run_program(prog: Program, st: StageSetup):
                         loss=carry["loss"] + lp,
                         post_aux=jax.tree.map(jnp.add, carry["post_aux"], post_aux))
         return jax.lax.cond(row[COL["f_post"]] >= 0, post, lambda c: c, carry), y
+
+    def do_f(carry, row, c):
+        out, aux, res = st.stack.forward(st.params, c * n, f_input(carry, row),
+                                         st.consts(row[COL["f_micro"]]))
+        return f_finish(carry, row, c, out, aux, res)
 
     def ct_of(carry, row):
         """The gradient arriving at a backward's outputs: from the loss head on the last
@@ -146,6 +154,17 @@ def run_program(prog: Program, st: StageSetup):
                                       dy.astype(act_dtype), ct_balance, carry["grads"])
         return put_dx(dict(carry, grads=grads), row, dx), dx
 
+    def do_pair(carry, row, cf, cb):
+        """F of chunk cf and BW of chunk cb in one layer loop (LayerStack.forward_backward)."""
+        carry, dy = ct_of(carry, row)
+        res = _read_all(carry["res"], row[COL["b_res"]])
+        fwd, (dx, grads) = st.stack.forward_backward(
+            st.params, cf * n, f_input(carry, row), st.consts(row[COL["f_micro"]]), cb * n, res,
+            st.consts(row[COL["b_micro"]]), dy.astype(act_dtype), ct_balance, carry["grads"])
+        carry = put_dx(dict(carry, grads=grads), row, dx)
+        carry, y = f_finish(carry, row, cf, *fwd)
+        return carry, y, dx
+
     def do_b(carry, row, c):
         carry, dy = ct_of(carry, row)
         res = _read_all(carry["res"], row[COL["b_res"]])
@@ -164,6 +183,10 @@ def run_program(prog: Program, st: StageSetup):
     def branch(ops):
         def run(carry, row):
             out_act, out_grad = x0, x0
+            kinds = dict(ops)
+            if set(kinds) == {"F", "BW"}:
+                carry, y, dx = do_pair(carry, row, kinds["F"], kinds["BW"])
+                return carry, y.astype(act_dtype), dx.astype(act_dtype)
             for kind, c in ops:
                 if kind == "F":
                     carry, y = do_f(carry, row, c)

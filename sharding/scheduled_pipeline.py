@@ -94,8 +94,9 @@ def pipeline_lm_loss(model: Transformer, batch: Int[Array, "batch seq_plus_1"], 
     data = dict(ids=micro(inputs), targets=micro(targets), cos=micro(cos), sin=micro(sin),
                 seg=micro(seg_in), seg_row=micro(segment_ids), mask_row=micro(loss_mask),
                 den=denominators)
-    post_graph, post_state = nnx.split((model.norm, model.mtp))
-    post_params = (post_state, model.lm_head[...], model.embed_tokens[...])
+    post_graph, post_state = nnx.split((model.norm, *([model.mtp] if depth else [])))
+    # the embedding only when MTP reads it (else the stages would carry its gradient for nothing)
+    post_params = (post_state, model.lm_head[...], model.embed_tokens[...] if depth else None)
     pipelined = [v[r:] for v in leaves]
     if sched.chunks == 2:  # device d holds virtual stages d and 2P - 1 - d (the V)
         n = plan.moe_per_stage
@@ -203,7 +204,8 @@ def _post_loss(ctx, params, y, d, dispatcher):
     """One micro-batch's loss from the last virtual stage's output: final norm, MTP depths,
     chunked cross entropy; normalised by the whole batch's weights (`d["den"]`)."""
     (state, lm_head, embed), M = params, ctx["sched"].microbatches
-    norm, mtp = nnx.merge(ctx["post_graph"], state)
+    norm, *mtp = nnx.merge(ctx["post_graph"], state)
+    mtp = mtp[0] if mtp else ()
     hidden = norm(y)
     zero = jnp.zeros((0,), jnp.float32)
     out = ModelOutput(logits=None, hidden=hidden, mtp_logits=(), expert_counts=None,

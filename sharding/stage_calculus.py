@@ -124,6 +124,29 @@ class LayerStack(_Residuals):
         (dx, acc), _ = jax.lax.scan(body, (ct, acc), jnp.arange(self.n), reverse=True)
         return dx, acc
 
+    def forward_backward(self, params, f_base: int, x, f_consts, b_base: int, res, b_consts,
+                         ct, ct_balance, acc):
+        """An F&B pair in one layer loop: iteration l runs the forward of layer l of one chunk
+        and the backward of layer n - 1 - l of the other. The two are independent, so the
+        compiler may overlap one's expert all-to-all with the other's matmuls (DualPipe's
+        overlapped forward-backward); two loops in a row could not. Returns forward's
+        ((y, balance), aux, residuals) and backward's (d x, acc)."""
+        n = self.n
+
+        def body(carry, l):
+            x, dy, acc = carry
+            p = [_at(v, f_base + l) for v in params]
+            (y, bal), vjp, aux = jax.vjp(self.layer, p, x, f_consts, has_aux=True,
+                                         saveable_args=(False, True, False),
+                                         in_nzs=(True, True, False))
+            k = n - 1 - l
+            d_params, dx, _ = self._layer_vjp(params, b_base, res, b_consts, k)((dy, ct_balance))
+            acc = _add_at(acc, b_base + k, d_params)
+            return (y.astype(x.dtype), dx.astype(dy.dtype), acc), (bal, aux, self.leaves(vjp))
+
+        (y, dx, acc), (bal, aux, res_f) = jax.lax.scan(body, (x, ct, acc), jnp.arange(n))
+        return ((y, bal), aux, res_f), (dx, acc)
+
     def build_split(self, params, x, consts, ct_balance) -> None:
         """Trace one layer's backward and split it (call after a forward has been traced)."""
         p = [jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for v in params]

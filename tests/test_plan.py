@@ -173,3 +173,19 @@ def test_fp8_serving_decode_compiles_for_h100_with_stored_weights():
     assert r["planner"]["parts"]["params"] > parts["params"]
     fp8_dots = r["audit"]["matmuls"]["f8e4m3fn x f8e4m3fn"]
     assert fp8_dots["count"] > 0, r["audit"]["matmuls"]
+
+
+def test_pipeline_schedules_counted_from_their_tables():
+    """The executor's buffers (dsv3_jax/plan_pipeline.py): residual slots from the table's
+    peak (P for 1F1B and zb, 2P + 1 chunks for dualpipev, vs GPipe's M + P - 1 ticks), the
+    same parameters for every schedule, dualpipev's V permutation as a second stage copy."""
+    est = {s: plan.estimate(plan.make_setup(V2, "pipeline=2,expert=8", batch=64, seq=4096,
+                                            microbatches_arg=8, pipeline_schedule=s))
+           for s in ("gpipe", "1f1b", "zb", "dualpipev")}
+    assert len({e.parts["params"] for e in est.values()}) == 1
+    assert est["1f1b"].parts["activations"] < est["gpipe"].parts["activations"]
+    assert est["1f1b"].notes[0].startswith("1f1b: 2 residual slots of 13 layers (table peak 2")
+    assert est["dualpipev"].notes[0].startswith("dualpipev: 5 residual slots of 6 layers")
+    assert est["dualpipev"].parts["stage_copies"] == 2 * est["1f1b"].parts["stage_copies"]
+    assert "loss_head" in est["zb"].parts and "vocab" not in est["zb"].parts
+    assert est["zb"].parts["activations"] > est["1f1b"].parts["activations"]   # the stash
