@@ -146,3 +146,20 @@ def test_schedule_errors(corpus, tmp_path):
     with pytest.raises(PipelineError, match="needs a mesh with pipeline > 1"):
         pipeline_lm_loss(init_model(cfg), jnp.zeros((2, 9), jnp.int32), schedule="1f1b",
                          microbatches=2)
+
+
+@pytest.mark.slow  # four schedules compiled at tiny sizes: minutes on 2 cores
+def test_benchmark_smoke(tmp_path):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "B.md"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "benchmarks/pipeline_schedules.py", "--smoke", "--out",
+                           str(out)], cwd=Path(__file__).parent.parent, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Pipeline schedules on CPU: step time vs micro-batches" in text
+    for s in ("gpipe", "1f1b", "zb", "dualpipev"):
+        assert f"| {s} |" in text.replace("  ", " ") or f" {s} |" in text, s
