@@ -7,10 +7,14 @@
 """
 
 import argparse
+import os
 import sys
 import time
 
 from dsv3_jax.serve.buckets import DEFAULT_PREFILL_CHUNK
+
+# JAX's own variable, where set, else ours
+DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/dsv3-jax/xla")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -54,6 +58,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-precompile", action="store_true",
                    help="compile the engine's programs lazily, on first use, instead of every prefill "
                         "and decode bucket before serving (--port)")
+    p.add_argument("--compilation-cache", default=DEFAULT_COMPILATION_CACHE, metavar="DIR",
+                   help="JAX's persistent compilation cache: a restart loads the compiled programs, "
+                        "including those compiled on first use (prefills after a reused prefix); "
+                        f"default {DEFAULT_COMPILATION_CACHE}, '' turns it off")
     p.add_argument("--no-speculative", action="store_true",
                    help="no MTP speculative decoding (default: on when the model has an MTP layer)")
     return p.parse_args(argv)
@@ -67,6 +75,9 @@ def main(argv=None) -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.compilation_cache:
+        from dsv3_jax.serve.loading import use_compilation_cache
+        use_compilation_cache(args.compilation_cache)
     from dsv3_jax.serve.chat import TextStream, stream_text
     from dsv3_jax.serve.engine import Engine, RequestError, SamplingParams
     from dsv3_jax.serve.api import OpenAIAPI

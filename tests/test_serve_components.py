@@ -115,3 +115,22 @@ def test_request_parameters_parse_without_an_engine():
         with pytest.raises(APIError) as e:
             p.parse(body, chat="messages" in body)
         assert e.value.status == 400 and e.value.param == param, (body, e.value.body())
+
+
+def test_compilation_cache_keeps_even_quick_compiles(tmp_path):
+    """serve.py's --compilation-cache: every program, however quick to compile, is written to
+    the cache, so a restarted server loads its buckets instead of compiling them again."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3_jax.serve.loading import use_compilation_cache
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    try:
+        use_compilation_cache(tmp_path / "xla")
+        jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+        assert any((tmp_path / "xla").iterdir())
+    finally:
+        for n, v in before.items():
+            jax.config.update(n, v)

@@ -115,3 +115,16 @@ def load_for_serving(path: str | Path, *, dtype: str = "bf16", mesh=None, precis
         raise LoadError(f"checkpoint {path} has a config.json but neither a checkpoints/ folder "
                         "(train.py run) nor *.safetensors files (Hugging Face checkpoint)")
     return model, _tokenizer(path), _chat_template(path), path.resolve().name
+
+
+def use_compilation_cache(path: str | Path) -> Path:
+    """Turn on JAX's persistent compilation cache in `path` for every program, however quick to
+    compile (JAX's default skips those under a second: most of a small model's buckets), so a
+    restarted server loads what an earlier one compiled, at start-up or on first use."""
+    import jax
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
