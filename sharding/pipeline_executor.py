@@ -8,15 +8,16 @@ the inbox slot its row names, or drops it). A scan rather than ticks unrolled in
 body, and so the compile time, does not grow with the micro-batches or stages (the table is
 data, [ticks, stages, fields] int32); only the distinct branches are traced.
 
-Differentiation is explicit, per stage and micro-batch (`ChunkCalculus`): F runs `jax.vjp`
-of the stage's layers and stores the residuals in a fixed-size buffer (as many slots as the
-schedule keeps micro-batches in flight: P for 1F1B, M for GPipe); the backward rebuilds the
-VJP from a slot and the stage's current parameters (never stored: `saveable_args`), and adds
-the weight gradients to a per-stage accumulator. No autodiff runs through the tick loop, so
+Differentiation is explicit, per stage, micro-batch and layer (sharding/stage_calculus.py):
+F runs a `jax.vjp` per layer and stores the residuals in a fixed-size buffer (as many slots
+as the table keeps micro-batches in flight: P for 1F1B, M for GPipe); the backward rebuilds
+the VJPs from a slot and the stage's current parameters (never stored) and adds each layer's
+weight gradients to the stage's accumulator. No autodiff runs through the tick loop, so
 nothing holds every tick's residuals. A split backward (zb, dualpipev) runs the input-
-gradient half in B and the weight-gradient half in W (sharding/backward_split.py).
-The last virtual stage's F also runs the loss head (`post`): norm, MTP, chunked cross
-entropy, whose backward starts the stage's backward from d(loss) = 1.
+gradient half in B and the weight-gradient half in W (sharding/backward_split.py); an F&B
+pair runs as one layer loop. The last virtual stage's F also runs the loss head (`post`:
+norm, MTP, chunked cross entropy, a `lax.cond` on the row's `f_post`), whose backward starts
+the stage's backward from d(loss) = 1.
 """
 
 from __future__ import annotations

@@ -99,3 +99,47 @@ def test_print_schedule(capsys):
     assert for_mesh("pipeline=4,data=2", 0, "zb").microbatches == 4
     with pytest.raises(ScheduleError, match="no pipeline axis"):
         for_mesh("data=8", 0, "1f1b")
+
+
+PAIR_HLO = """HloModule m, is_scheduled=true
+
+%fused_b (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %d = f32[8]{0} dot(%p, %p), metadata={op_name="jit(run)/shard_map/while/body/cond/branch_5_fun/while/body/transpose(jvp())/dot_general"}
+}
+
+%body (t: (f32[8])) -> (f32[8]) {
+  %t = (f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%t), index=0
+  %s = (f32[8]{0}, f32[8]{0}) ragged-all-to-all-start(%x), metadata={op_name="jit(run)/shard_map/while/body/cond/branch_5_fun/while/body/jvp()/shard_map/ragged_all_to_all"}
+  %f = f32[8]{0} fusion(%x), kind=kOutput, calls=%fused_b
+  %d = f32[8]{0} ragged-all-to-all-done(%s)
+  %g = f32[8]{0} dot(%d, %d), metadata={op_name="jit(run)/shard_map/while/body/cond/branch_5_fun/while/body/jvp()/dot_general"}
+  %a = f32[8]{0} all-to-all(%g), metadata={op_name="jit(run)/shard_map/while/body/cond/branch_5_fun/while/body/jvp()/shard_map/all_to_all"}
+  ROOT %r = (f32[8]{0}) tuple(%a)
+}
+
+%cond (t: (f32[8])) -> pred[] {
+  %t = (f32[8]{0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[8]) -> (f32[8]) {
+  %x = f32[8]{0} parameter(0)
+  %t0 = (f32[8]{0}) tuple(%x)
+  ROOT %w = (f32[8]{0}) while(%t0), condition=%cond, body=%body
+}
+"""
+
+
+def test_pair_overlap_reads_the_pair_loop():
+    """dsv3_jax/aot/overlap.py on a hand-written pair loop: the forward half's ragged
+    all-to-all is asynchronous with the backward half's matmul (a fusion) inside its window;
+    the dense all-to-all is synchronous. Real compiles: SCALE.md (TPU v5p, H100, CPU)."""
+    from dsv3_jax.aot.overlap import pair_overlap
+    r = pair_overlap(PAIR_HLO, [5])
+    assert r["bodies"] == 1
+    assert r["collectives"]["ragged-all-to-all"] == {"count": 1, "async": 1, "with_other_half": 1,
+                                                     "with_any_matmul": 1}
+    assert r["collectives"]["all-to-all"]["async"] == 0
+    assert pair_overlap(PAIR_HLO, [4])["bodies"] == 0

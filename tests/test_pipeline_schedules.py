@@ -5,8 +5,9 @@ single-device model, on 8 CPU devices: same loss and parts, per-parameter gradie
 Stacks: the v3_mtp fixture with a 512-token vocabulary; 1 dense + 6 MoE layers split evenly
 over 2 stages and unevenly over 4 (2 layers before the pipeline) and over dualpipev's 4
 chunks of pipeline=2 (2 before); 1 dense + 8 MoE layers for dualpipev's 8 chunks of
-pipeline=4 (even). The non-slow part: 1F1B on pipeline=2,expert=4 (gradients, and 10 steps);
-`pytest -m slow` runs every schedule on both acceptance meshes.
+pipeline=4 (even). The non-slow part: 1F1B's gradients on pipeline=2,expert=4 (its 10
+training steps run in tests/test_pipeline.py, against that file's single-device run);
+`pytest -m slow` runs every schedule on both acceptance meshes, gradients and 10 steps.
 """
 
 import json
@@ -111,6 +112,7 @@ def _train(corpus, cfg, out, **kw):
 _SINGLE = {}
 
 
+@pytest.mark.slow  # 1F1B's 10 steps run by default in tests/test_pipeline.py (shared reference)
 @pytest.mark.parametrize("schedule,mesh_spec", CASES)
 def test_schedule_training_matches_single_device(schedule, mesh_spec, corpus, tmp_path_factory):
     cfg = _cfg(schedule, mesh_spec)

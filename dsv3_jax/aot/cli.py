@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     estimate = plan.estimate(setup) if result.kind != "prefill" else None
     out = dict(dataclasses.asdict(result), total=result.total,
                planner=estimate.as_dict() if estimate else None, setup=setup.describe(),
-               routed_rows=routed_rows(setup, result.kind))
+               routed_rows=routed_rows(setup, result.kind),
+               pair_overlap=pair_overlap(setup, result))
     if args.json == "-":
         print(json.dumps(out))
         return 0
@@ -114,7 +115,24 @@ def main(argv=None) -> int:
               f"compiler's figure: {verdict}")
     print(audit.table(result.audit, estimate.flops_per_step / setup.devices if estimate else None,
                       routed_rows(setup, result.kind)))
+    if out["pair_overlap"]:
+        print("dualpipev F&B pair loops (dsv3_jax/aot/overlap.py): "
+              + ", ".join(f"{k} {v['count']} ({v['async']} async, {v['with_other_half']} with the "
+                          f"other chunk's matmuls inside)"
+                          for k, v in out["pair_overlap"]["collectives"].items()))
     return 0
+
+
+def pair_overlap(setup, result) -> dict | None:
+    """For a dualpipev train step: its F&B pairs' collectives and what overlaps them."""
+    if result.kind != "train" or setup.stages < 2 or setup.pipeline_schedule != "dualpipev":
+        return None
+    from dsv3_jax.aot.overlap import pair_overlap as overlap
+    from sharding.schedule_program import compile_program
+    from sharding.schedules import make_schedule
+    prog = compile_program(make_schedule("dualpipev", setup.stages, setup.microbatches))
+    pairs = [k for k, ops in enumerate(prog.branches) if {kind for kind, _ in ops} == {"F", "BW"}]
+    return overlap(result.hlo_text, pairs)
 
 
 def routed_rows(setup, kind: str) -> float | None:

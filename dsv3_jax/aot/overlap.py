@@ -3,56 +3,38 @@
 Read from a compiled step's optimized HLO (`python -m dsv3_jax.aot ... --pipeline-schedule
 dualpipev --hlo FILE`, or `compiled.as_text()`). The executor runs a pair as one layer loop
 (`LayerStack.forward_backward` in sharding/stage_calculus.py): iteration l is the forward of
-layer l of one chunk and the backward of layer n - 1 - l of the other. Its loop body (or the switch branch a one-iteration loop was
-inlined into) is found by the stack frames XLA keeps for each instruction: the forward half's instructions were traced
-inside `forward_backward`; the backward half's were traced when the residuals' VJP was built
-(elsewhere), and run here. For each collective of the body (all-to-all, ragged-all-to-all,
-collective-permute, all-gather, all-reduce, reduce-scatter): is it asynchronous (a -start /
--done pair, or an async-start wrapping it), and how many matmuls (dots, convolutions, GEMM
-custom calls, fusions or loops containing them) of each half does the schedule place between
-its start and done. A synchronous collective overlaps nothing on this stream.
+layer l of one chunk and the backward of layer n - 1 - l of the other. Its loop body (or the
+switch branch a one-iteration loop was inlined into) is the computation holding matmuls of
+both halves that jax named inside a pair branch's loop; an instruction belongs to the backward half when jax named it inside
+a transpose (`transpose(...)` in its op_name: the backward, including the forward it
+recomputes under remat), else to the forward half. For each collective of the body
+(all-to-all, ragged-all-to-all, collective-permute, all-gather, all-reduce, reduce-scatter):
+is it asynchronous (a -start / -done pair, or an async-start wrapping it), and are matmuls
+(dots, convolutions, GEMM or ragged-dot custom calls, fusions or loops containing them) of
+the other half scheduled between its start and done. A synchronous collective overlaps
+nothing on the compute stream.
 """
 
 from __future__ import annotations
 
 import re
 
-from dsv3_jax.aot.hlo import Instruction, _called, is_sync, parse
+from dsv3_jax.aot.hlo import Instruction, _called, is_sync, op_name, parse
 
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "collective-permute", "all-gather",
                "all-reduce", "reduce-scatter")
-MARKER = ("stage_calculus.py", "forward_backward")   # (file, a word of the function's name)
 
 
-def _frame_chains(hlo_text: str) -> dict[str, set]:
-    """{stack_frame_id: {(file tail, function name)} of every frame of its stack}."""
-    head = hlo_text[:hlo_text.find("\n%")] if "\n%" in hlo_text else hlo_text[:200000]
-
-    def table(name, pattern):
-        part = head.partition("\n" + name + "\n")[2].split("\n\n")[0]
-        return re.findall(pattern, part, re.M)
-
-    files = dict(table("FileNames", r'^(\d+) "([^"]*)"'))
-    functions = dict(table("FunctionNames", r'^(\d+) "([^"]*)"'))
-    locations = {i: (files.get(f, "").split("/")[-1], functions.get(fn, ""))
-                 for i, f, fn in table("FileLocations",
-                                       r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+)")}
-    frames = {i: (loc, parent) for i, loc, parent in
-              table("StackFrames", r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)")}
-    out = {}
-    for frame in frames:
-        chain, f = set(), frame
-        while f in frames and f not in chain:
-            loc, parent = frames[f]
-            chain.add(f)
-            out.setdefault(frame, set()).add(locations.get(loc, ("", "")))
-            f = parent
-    return out
-
-
-def _frame(inst: Instruction) -> str:
-    m = re.search(r"stack_frame_id=(\d+)", inst.attrs)
-    return m.group(1) if m else ""
+def _half(inst: Instruction, comps) -> str:
+    """"B" for an instruction jax named inside a transpose (a fusion: its fused root's name)."""
+    name = op_name(inst)
+    if not name:
+        for _, callee in _called(inst):
+            names = [op_name(i) for i in comps.get(callee, []) if op_name(i)]
+            if names:
+                name = names[-1]
+                break
+    return "B" if "transpose(" in name else "F"
 
 
 def _has_matmul(name: str, comps, seen=None) -> bool:
@@ -68,6 +50,8 @@ def _is_matmul(inst: Instruction, comps, seen=None) -> bool:
         return True
     if inst.opcode == "custom-call" and re.search(r"gemm|matmul|dot", inst.attrs, re.I):
         return True
+    if inst.opcode == "conditional":  # a branch is a place of its own
+        return False
     return any(_has_matmul(callee, comps, seen) for key, callee in _called(inst)
                if key != "condition")
 
@@ -87,30 +71,29 @@ def _collective(inst: Instruction, comps) -> tuple[str, bool] | None:
     return None
 
 
-def pair_overlap(hlo_text: str) -> dict:
+def pair_overlap(hlo_text: str, branches) -> dict:
     """{"bodies": n, "collectives": {kind: {"count", "async", "with_other_half",
-    "with_any_matmul"}}} over the F&B pair loop bodies of a dualpipev step."""
+    "with_any_matmul"}}} over the layer loops of the tick switch's `branches` (the indices of
+    the F&B pairs in sharding/schedule_program.py's branch list), as jax names them
+    (`cond/branch_K_fun/while/body/` in the op_name)."""
     comps, _ = parse(hlo_text)
-    chains = _frame_chains(hlo_text)
+    marks = tuple(f"cond/branch_{k}_fun/while/body/" for k in branches)
 
-    def marked(inst) -> bool:
-        return any(f == MARKER[0] and MARKER[1] in fn for f, fn in chains.get(_frame(inst), ()))
+    def in_pair(inst) -> bool:
+        name = op_name(inst) or " ".join(op_name(i) for _, c in _called(inst)
+                                          for i in comps.get(c, [])[-1:])
+        return any(m in name for m in marks)
 
-    def half(inst):
-        return "F" if marked(inst) else "B"
-
-    # the loop body (or, for one layer per chunk, the switch branch the loop was inlined into)
-    # holding both halves' matmuls
-    pairs = [b for b, insts in comps.items()
-             if any(marked(i) and _is_matmul(i, comps) for i in insts)
-             and any(half(i) == "B" and _is_matmul(i, comps) for i in insts)]
+    pairs = []
+    for name, insts in comps.items():
+        halves = {_half(i, comps) for i in insts if _is_matmul(i, comps) and in_pair(i)}
+        if halves == {"F", "B"}:
+            pairs.append(name)
     stats: dict[str, dict] = {}
     for body in pairs:
         insts = comps[body]
-        done_at = {}
-        for k, inst in enumerate(insts):
-            if inst.opcode.endswith("-done") and inst.operands:
-                done_at[inst.operands[0]] = k
+        done_at = {i.operands[0]: k for k, i in enumerate(insts)
+                   if i.opcode.endswith("-done") and i.operands}
         for k, inst in enumerate(insts):
             c = _collective(inst, comps)
             if c is None:
@@ -124,7 +107,7 @@ def pair_overlap(hlo_text: str) -> dict:
             s["async"] += 1
             between = [i for i in insts[k + 1:done_at.get(inst.name, k + 1)]
                        if _is_matmul(i, comps)]
-            mine = half(inst)
+            mine = _half(inst, comps)
             s["with_any_matmul"] += bool(between)
-            s["with_other_half"] += any(half(i) != mine for i in between)
+            s["with_other_half"] += any(_half(i, comps) != mine for i in between)
     return {"bodies": len(pairs), "collectives": stats}
