@@ -33,6 +33,10 @@ from sharding.stage_calculus import LayerStack, Vjp
 
 AXIS = "pipeline"
 
+# bytes of the executor's buffers in the last program traced, per stage (the shapes the stage
+# program sees: summed over the stage's devices); diagnostics for python -m dsv3_jax.aot
+last_buffers: dict[str, int] = {}
+
 
 def _write(buf, slot, value):
     """buf[slot] = value where slot >= 0 (a traced int)."""
@@ -103,6 +107,13 @@ def run_program(prog: Program, st: StageSetup):
         st.stack.build_split(st.params, x0, st.consts(0), ct_balance)
         carry["stash"] = [jnp.zeros((prog.slots["stash"], n, *s.shape), s.dtype)
                           for s in st.stack.split.stash_avals]
+
+    def nbytes(tree):
+        return sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(tree))
+    last_buffers.clear()
+    last_buffers.update({k: nbytes(carry[k]) for k in ("res", "post_res", "act", "grad", "grads",
+                                                      "post_grads", "dxs")})
+    last_buffers["stash"] = nbytes(carry.get("stash", []))
 
     def f_input(carry, row):
         i, inn = row[COL["f_micro"]], row[COL["f_in"]]

@@ -115,6 +115,11 @@ def main(argv=None) -> int:
               f"compiler's figure: {verdict}")
     print(audit.table(result.audit, estimate.flops_per_step / setup.devices if estimate else None,
                       routed_rows(setup, result.kind)))
+    if result.buffers:
+        per = setup.devices // setup.stages
+        print(f"pipeline executor buffers per stage / its {per} devices (sharding/"
+              "pipeline_executor.py; an even split assumed): " + ", ".join(
+                  f"{k} {v / per / 1e9:.3g} GB" for k, v in result.buffers.items() if v))
     if out["pair_overlap"]:
         print("dualpipev F&B pair loops (dsv3_jax/aot/overlap.py): "
               + ", ".join(f"{k} {v['count']} ({v['async']} async, {v['with_other_half']} with the "

@@ -46,6 +46,7 @@ class Compiled:
     target: str = "cpu"
     device_kind: str = ""
     audit: dict = dataclasses.field(default_factory=dict)
+    buffers: dict = dataclasses.field(default_factory=dict)  # a pipeline executor's, per stage
 
     @property
     def total(self) -> int:
@@ -167,8 +168,12 @@ def compile_train(setup, target: Target = CPU) -> Compiled:
 
     jitted = jax.jit(run, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, None), donate_argnums=0)
+    from sharding import pipeline_executor
+    pipeline_executor.last_buffers.clear()
     with jax.set_mesh(mesh):
-        return _measure("train", setup, target, mesh, lambda: jitted.lower(abstract, batches))
+        result = _measure("train", setup, target, mesh, lambda: jitted.lower(abstract, batches))
+    result.buffers = dict(pipeline_executor.last_buffers)
+    return result
 
 
 def _serving(setup, target: Target):
