@@ -89,127 +89,114 @@ def run_program(prog: Program, st: StageSetup):
 
     loss_s, post_aux_s, post_res_s = jax.eval_shape(probe_post)
     zeros = lambda s, n=None: jnp.zeros(s.shape if n is None else (n, *s.shape), s.dtype)  # noqa: E731
-    carry = dict(
-        res=[zeros(s, prog.slots["res"]) for s in res_s],
-        post_res=[zeros(s, prog.slots["post"]) for s in post_res_s],
-        act=jnp.zeros((prog.slots["act"], *act_shape), act_dtype),
-        grad=jnp.zeros((prog.slots["grad"], *act_shape), act_dtype),
-        grads=[jnp.zeros_like(v) for v in st.params],
-        post_grads=jax.tree.map(jnp.zeros_like, st.post_params),
-        dxs=jnp.zeros(st.xs.shape, act_dtype),
-        loss=jnp.zeros((), jnp.float32),
-        aux={k: jnp.zeros((chunks, *v.shape), v.dtype) for k, v in aux_s.items()}
-        | {"balance": jnp.zeros((chunks, *bal_s.shape), bal_s.dtype)},
-        post_aux=jax.tree.map(zeros, post_aux_s),
-    )
     ct_balance = jnp.full(bal_s.shape[1:], st.balance_ct, bal_s.dtype)  # one layer's
+    stash_s = []
     if prog.schedule.split_backward:
         st.stack.build_split(st.params, x0, st.consts(0), ct_balance)
-        carry["stash"] = [jnp.zeros((prog.slots["stash"], n, *s.shape), s.dtype)
-                          for s in st.stack.split.stash_avals]
+        stash_s = [jax.ShapeDtypeStruct((n, *s.shape), s.dtype) for s in st.stack.split.stash_avals]
+    # Buffers: read inside the switch, written after it by the row's slots (the branches only
+    # return the one slot they fill). XLA:CPU copies whatever a conditional returns, every
+    # tick; the accumulators (gradients, loss, counts) are all that goes through the switch.
+    bufs = dict(res=[zeros(s, prog.slots["res"]) for s in res_s],
+                post_res=[zeros(s, prog.slots["post"]) for s in post_res_s],
+                stash=[zeros(s, prog.slots["stash"]) for s in stash_s],
+                act=jnp.zeros((prog.slots["act"], *act_shape), act_dtype),
+                grad=jnp.zeros((prog.slots["grad"], *act_shape), act_dtype),
+                dxs=jnp.zeros(st.xs.shape, act_dtype))
+    acc = dict(grads=[jnp.zeros_like(v) for v in st.params],
+               post_grads=jax.tree.map(jnp.zeros_like, st.post_params),
+               loss=jnp.zeros((), jnp.float32),
+               aux={k: jnp.zeros((chunks, *v.shape), v.dtype) for k, v in aux_s.items()}
+               | {"balance": jnp.zeros((chunks, *bal_s.shape), bal_s.dtype)},
+               post_aux=jax.tree.map(zeros, post_aux_s))
+    nothing = dict(res=[zeros(s) for s in res_s], post_res=[zeros(s) for s in post_res_s],
+                   stash=[zeros(s) for s in stash_s], act=x0, grad=x0)
 
     def nbytes(tree):
         return sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(tree))
     last_buffers.clear()
-    last_buffers.update({k: nbytes(carry[k]) for k in ("res", "post_res", "act", "grad", "grads",
-                                                      "post_grads", "dxs")})
-    last_buffers["stash"] = nbytes(carry.get("stash", []))
+    last_buffers.update({k: nbytes(bufs[k]) for k in bufs})
+    last_buffers.update({k: nbytes(acc[k]) for k in ("grads", "post_grads")})
 
-    def f_input(carry, row):
+    def f_input(bufs, row):
         i, inn = row[COL["f_micro"]], row[COL["f_in"]]
-        return jnp.where(inn < 0, st.xs[i].astype(act_dtype), carry["act"][jnp.maximum(inn, 0)])
+        return jnp.where(inn < 0, st.xs[i].astype(act_dtype), bufs["act"][jnp.maximum(inn, 0)])
 
-    def f_finish(carry, row, c, out, aux, res):
-        """Store an F's residuals and statistics; the loss head on the last virtual stage."""
-        (y, bal), i = out, row[COL["f_micro"]]
-        carry = dict(carry, res=_write_all(carry["res"], row[COL["f_res"]], res))
+    def f_finish(acc, out, row, c, fwd):
+        """An F's outputs: residuals, statistics; the loss head on the last virtual stage."""
+        ((y, bal), aux, res), i = fwd, row[COL["f_micro"]]
         new_aux = dict(aux, balance=bal)
-        carry["aux"] = {k: carry["aux"][k].at[c].add(new_aux[k]) for k in carry["aux"]}
-        carry["loss"] = carry["loss"] + st.balance_ct * jnp.sum(bal)
+        acc = dict(acc, aux={k: acc["aux"][k].at[c].add(new_aux[k]) for k in acc["aux"]},
+                   loss=acc["loss"] + st.balance_ct * jnp.sum(bal))
 
-        def post(carry):  # the last virtual stage: the loss head, its residuals stored
+        def post(acc):  # the last virtual stage: the loss head
             lp, post_aux, post_res = st.post.forward(st.make_post(i), st.post_params,
                                                      y.astype(act_dtype))
-            return dict(carry, post_res=_write_all(carry["post_res"], row[COL["f_post"]], post_res),
-                        loss=carry["loss"] + lp,
-                        post_aux=jax.tree.map(jnp.add, carry["post_aux"], post_aux))
-        return jax.lax.cond(row[COL["f_post"]] >= 0, post, lambda c: c, carry), y
+            return dict(acc, loss=acc["loss"] + lp,
+                        post_aux=jax.tree.map(jnp.add, acc["post_aux"], post_aux)), post_res
 
-    def do_f(carry, row, c):
-        out, aux, res = st.stack.forward(st.params, c * n, f_input(carry, row),
-                                         st.consts(row[COL["f_micro"]]))
-        return f_finish(carry, row, c, out, aux, res)
+        acc, post_res = jax.lax.cond(row[COL["f_post"]] >= 0, post,
+                                     lambda acc: (acc, nothing["post_res"]), acc)
+        return acc, dict(out, res=res, post_res=post_res, act=y.astype(act_dtype))
 
-    def ct_of(carry, row):
+    def do_f(bufs, acc, out, row, c):
+        fwd = st.stack.forward(st.params, c * n, f_input(bufs, row), st.consts(row[COL["f_micro"]]))
+        return f_finish(acc, out, row, c, fwd)
+
+    def ct_of(bufs, acc, row):
         """The gradient arriving at a backward's outputs: from the loss head on the last
         virtual stage (whose gradients are added here), else from the inbox."""
-        def post(carry):
-            res = _read_all(carry["post_res"], row[COL["b_post"]])
+        def post(acc):
+            res = _read_all(bufs["post_res"], row[COL["b_post"]])
             d_post, dy = st.post.backward(st.post_params, res, jnp.ones((), loss_s.dtype))
-            grads = jax.tree.map(lambda a, d: a + d.astype(a.dtype), carry["post_grads"], d_post)
-            return dict(carry, post_grads=grads), dy.astype(act_dtype)
+            grads = jax.tree.map(lambda a, d: a + d.astype(a.dtype), acc["post_grads"], d_post)
+            return dict(acc, post_grads=grads), dy.astype(act_dtype)
 
-        def inbox(carry):
-            return carry, carry["grad"][jnp.maximum(row[COL["b_ct"]], 0)]
-        return jax.lax.cond(row[COL["b_post"]] >= 0, post, inbox, carry)
+        def inbox(acc):
+            return acc, bufs["grad"][jnp.maximum(row[COL["b_ct"]], 0)]
+        return jax.lax.cond(row[COL["b_post"]] >= 0, post, inbox, acc)
 
-    def put_dx(carry, row, dx):
-        i = row[COL["b_micro"]]
-        first = row[COL["b_first"]] > 0
-        dxs = carry["dxs"]
-        return dict(carry, dxs=dxs.at[i].set(jnp.where(first, dx.astype(dxs.dtype), dxs[i])))
-
-    def do_bw(carry, row, c):
-        carry, dy = ct_of(carry, row)
-        res = _read_all(carry["res"], row[COL["b_res"]])
+    def do_bw(bufs, acc, out, row, c):
+        acc, dy = ct_of(bufs, acc, row)
+        res = _read_all(bufs["res"], row[COL["b_res"]])
         dx, grads = st.stack.backward(st.params, c * n, res, st.consts(row[COL["b_micro"]]),
-                                      dy.astype(act_dtype), ct_balance, carry["grads"])
-        return put_dx(dict(carry, grads=grads), row, dx), dx
+                                      dy.astype(act_dtype), ct_balance, acc["grads"])
+        return dict(acc, grads=grads), dict(out, grad=dx.astype(act_dtype))
 
-    def do_pair(carry, row, cf, cb):
+    def do_pair(bufs, acc, out, row, cf, cb):
         """F of chunk cf and BW of chunk cb in one layer loop (LayerStack.forward_backward)."""
-        carry, dy = ct_of(carry, row)
-        res = _read_all(carry["res"], row[COL["b_res"]])
+        acc, dy = ct_of(bufs, acc, row)
+        res = _read_all(bufs["res"], row[COL["b_res"]])
         fwd, (dx, grads) = st.stack.forward_backward(
-            st.params, cf * n, f_input(carry, row), st.consts(row[COL["f_micro"]]), cb * n, res,
-            st.consts(row[COL["b_micro"]]), dy.astype(act_dtype), ct_balance, carry["grads"])
-        carry = put_dx(dict(carry, grads=grads), row, dx)
-        carry, y = f_finish(carry, row, cf, *fwd)
-        return carry, y, dx
+            st.params, cf * n, f_input(bufs, row), st.consts(row[COL["f_micro"]]), cb * n, res,
+            st.consts(row[COL["b_micro"]]), dy.astype(act_dtype), ct_balance, acc["grads"])
+        return f_finish(dict(acc, grads=grads), dict(out, grad=dx.astype(act_dtype)), row, cf,
+                        fwd)
 
-    def do_b(carry, row, c):
-        carry, dy = ct_of(carry, row)
-        res = _read_all(carry["res"], row[COL["b_res"]])
+    def do_b(bufs, acc, out, row, c):
+        acc, dy = ct_of(bufs, acc, row)
+        res = _read_all(bufs["res"], row[COL["b_res"]])
         dx, stash = st.stack.input_grad(st.params, c * n, res, st.consts(row[COL["b_micro"]]),
                                         dy.astype(act_dtype), ct_balance)
-        carry = dict(carry, stash=_write_all(carry["stash"], row[COL["b_stash"]], stash))
-        return put_dx(carry, row, dx), dx
+        return acc, dict(out, grad=dx.astype(act_dtype), stash=stash)
 
-    def do_w(carry, row, c):
-        res = _read_all(carry["res"], row[COL["w_res"]])
-        stash = _read_all(carry["stash"], row[COL["w_stash"]])
+    def do_w(bufs, acc, out, row, c):
+        res = _read_all(bufs["res"], row[COL["w_res"]])
+        stash = _read_all(bufs["stash"], row[COL["w_stash"]])
         grads = st.stack.weight_grad(st.params, c * n, res, st.consts(row[COL["w_micro"]]),
-                                     stash, carry["grads"])
-        return dict(carry, grads=grads)
+                                     stash, acc["grads"])
+        return dict(acc, grads=grads), out
 
     def branch(ops):
-        def run(carry, row):
-            out_act, out_grad = x0, x0
+        def run(bufs, acc, row):
+            out = nothing
             kinds = dict(ops)
             if set(kinds) == {"F", "BW"}:
-                carry, y, dx = do_pair(carry, row, kinds["F"], kinds["BW"])
-                return carry, y.astype(act_dtype), dx.astype(act_dtype)
+                return do_pair(bufs, acc, out, row, kinds["F"], kinds["BW"])
             for kind, c in ops:
-                if kind == "F":
-                    carry, y = do_f(carry, row, c)
-                    out_act = y.astype(act_dtype)
-                elif kind == "BW":
-                    carry, out_grad = do_bw(carry, row, c)
-                elif kind == "B":
-                    carry, out_grad = do_b(carry, row, c)
-                else:
-                    carry = do_w(carry, row, c)
-            return carry, out_act, out_grad.astype(act_dtype)
+                acc, out = {"F": do_f, "BW": do_bw, "B": do_b, "W": do_w}[kind](bufs, acc, out,
+                                                                             row, c)
+            return acc, out
         return run
 
     branches = [branch(ops) for ops in prog.branches]
@@ -217,20 +204,25 @@ def run_program(prog: Program, st: StageSetup):
     up = [(j + 1, j) for j in range(P - 1)]
 
     def tick(carry, rows):
+        bufs, acc = carry
         row = rows[stage]
-        carry, out_act, out_grad = jax.lax.switch(row[COL["branch"]], branches, carry, row)
-        act, grad = carry["act"], carry["grad"]
+        acc, out = jax.lax.switch(row[COL["branch"]], branches, bufs, acc, row)
+        first = jnp.where(row[COL["b_first"]] > 0, row[COL["b_micro"]], -1)
+        bufs = dict(bufs, res=_write_all(bufs["res"], row[COL["f_res"]], out["res"]),
+                    post_res=_write_all(bufs["post_res"], row[COL["f_post"]], out["post_res"]),
+                    stash=_write_all(bufs["stash"], row[COL["b_stash"]], out["stash"]),
+                    dxs=_write(bufs["dxs"], first, out["grad"]))
+        act, grad = bufs["act"], bufs["grad"]
         for kind, way in sorted(prog.channels):
-            msg = jax.lax.ppermute(out_act if kind == "act" else out_grad, AXIS,
-                                   down if way == "down" else up)
+            msg = jax.lax.ppermute(out[kind], AXIS, down if way == "down" else up)
             slot = row[COL[f"recv_{kind}_{way}"]]
             if kind == "act":
                 act = _write(act, slot, msg)
             else:
                 grad = _write(grad, slot, msg)
-        act = _write(act, row[COL["local_act"]], out_act)
-        grad = _write(grad, row[COL["local_grad"]], out_grad)
-        return dict(carry, act=act, grad=grad), None
+        act = _write(act, row[COL["local_act"]], out["act"])
+        grad = _write(grad, row[COL["local_grad"]], out["grad"])
+        return (dict(bufs, act=act, grad=grad), acc), None
 
-    carry, _ = jax.lax.scan(tick, carry, jnp.asarray(prog.table))
-    return carry
+    (bufs, acc), _ = jax.lax.scan(tick, (bufs, acc), jnp.asarray(prog.table))
+    return dict(acc, dxs=bufs["dxs"])
