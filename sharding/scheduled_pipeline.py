@@ -172,9 +172,12 @@ def _execute(ctx, prog, pipelined, post_params, xs, data):
             return (data["cos"][i], data["sin"][i], None if data["seg"] is None else data["seg"][i])
 
         def make_post(i):
-            return lambda params, y: _post_loss(ctx, params, y, {
-                k: (None if v is None or k == "den" else v[i]) for k, v in data.items()
-            } | {"den": data["den"]}, dispatcher)
+            # checkpointed: its residuals are its input (the stage's output) and the micro-
+            # batch's data; the backward recomputes the head (saving it would store, per
+            # slot, values as large as lm_head, e.g. the chunked loss's view of it)
+            d = {k: (None if v is None or k == "den" else v[i]) for k, v in data.items()}
+            d["den"] = data["den"]
+            return jax.checkpoint(lambda params, y: _post_loss(ctx, params, y, d, dispatcher))
 
         stack = LayerStack(jax.checkpoint(layer) if ctx["remat"] else layer, n)
         st = StageSetup(stack=stack, post=Vjp(), consts=consts, make_post=make_post,

@@ -53,7 +53,8 @@ class _Residuals:
         if self.treedef is None:
             self.treedef, self.avals = treedef, shapes
         elif [(a.shape, a.dtype) for a in shapes] != [(a.shape, a.dtype) for a in self.avals]:
-            raise AssertionError("a stage's residuals changed between traces")
+            raise AssertionError(f"a stage's residuals changed between traces: {self.avals} "
+                                 f"then {shapes}")
         return leaves
 
     def vjp(self, leaves, *args):
