@@ -5,9 +5,8 @@ single-device model, on 8 CPU devices: same loss and parts, per-parameter gradie
 Stacks: the v3_mtp fixture with a 512-token vocabulary; 1 dense + 6 MoE layers split evenly
 over 2 stages and unevenly over 4 (2 layers before the pipeline) and over dualpipev's 4
 chunks of pipeline=2 (2 before); 1 dense + 8 MoE layers for dualpipev's 8 chunks of
-pipeline=4 (even). The non-slow part: 1F1B's gradients on pipeline=2,expert=4 (its 10
-training steps run in tests/test_pipeline.py, against that file's single-device run);
-`pytest -m slow` runs every schedule on both acceptance meshes, gradients and 10 steps.
+pipeline=4 (even). The non-slow part: 1F1B on pipeline=2,expert=4 (gradients without MTP, 10
+training steps with it); `pytest -m slow` runs every schedule on both acceptance meshes.
 """
 
 import json
@@ -60,23 +59,25 @@ def _value_and_grad(model, loss):
 _REFERENCES = {}
 
 
-def _reference(cfg):
-    key = cfg.num_hidden_layers
+def _reference(cfg, mtp_lambda):
+    key = cfg.num_hidden_layers, mtp_lambda
     if key not in _REFERENCES:
-        _REFERENCES[key] = _value_and_grad(
-            init_model(cfg, seed=0), lambda m, b: lm_loss(m, b, mtp_lambda=0.3, balance_alpha=1e-2))
+        _REFERENCES[key] = _value_and_grad(init_model(cfg, seed=0), lambda m, b: lm_loss(
+            m, b, mtp_lambda=mtp_lambda, balance_alpha=1e-2))
     return _REFERENCES[key]
 
 
 @pytest.mark.parametrize("schedule,mesh_spec", CASES)
 def test_schedule_loss_gradients_and_counts_match_single_device(schedule, mesh_spec):
+    """The non-slow case runs without MTP (a smaller compile; the 10-step run below has it)."""
     cfg = _cfg(schedule, mesh_spec)
-    (r_total, (r_parts, r_counts, r_mtp)), r_grads = _reference(cfg)
+    mtp_lambda = 0.0 if (schedule, mesh_spec) in FAST else 0.3
+    (r_total, (r_parts, r_counts, r_mtp)), r_grads = _reference(cfg, mtp_lambda)
     mesh = make_mesh(mesh_spec)
     model = init_model(cfg, seed=0, mesh=mesh)
     with jax.set_mesh(mesh):
         (total, (parts, counts, mtp)), grads = _value_and_grad(model, lambda m, b: pipeline_lm_loss(
-            m, b, schedule=schedule, microbatches=MICRO[mesh_spec], mtp_lambda=0.3,
+            m, b, schedule=schedule, microbatches=MICRO[mesh_spec], mtp_lambda=mtp_lambda,
             balance_alpha=1e-2))
     assert _rel(total, r_total) <= 1e-5
     for k in ("ce", "mtp", "balance", "loss"):
@@ -112,9 +113,13 @@ def _train(corpus, cfg, out, **kw):
 _SINGLE = {}
 
 
-@pytest.mark.slow  # 1F1B's 10 steps run by default in tests/test_pipeline.py (shared reference)
 @pytest.mark.parametrize("schedule,mesh_spec", CASES)
 def test_schedule_training_matches_single_device(schedule, mesh_spec, corpus, tmp_path_factory):
+    """Trajectories equal to rel. 1e-5 as long as no routing decision sits within rounding of a
+    tie: the micro-batched loss head sums in another order than the single-device run (as
+    `--accumulate 2` does, whose parameters differ from the unaccumulated run's by 4e-6 after
+    4 steps, 1F1B's by 2e-6), and a top-k flip then changes the gradients at once (with
+    batch 8 and the default balance weight, 1F1B's grad norm departs by 4e-4 at step 5)."""
     cfg = _cfg(schedule, mesh_spec)
     if cfg.num_hidden_layers not in _SINGLE:
         _SINGLE[cfg.num_hidden_layers] = _train(corpus, cfg, tmp_path_factory.mktemp("single"))[0]
