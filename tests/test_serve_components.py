@@ -3,6 +3,7 @@ strings (chat.TextStream, detokenize.IncrementalText), chat templates and messag
 checkpoint loading for serving (a train.py run folder, bad paths), and request-body parsing
 (api_params.RequestParser). The checkpoint and tokenizer are tests/test_serve_http.py's."""
 
+import os
 import shutil
 
 import numpy as np
@@ -119,18 +120,15 @@ def test_request_parameters_parse_without_an_engine():
 
 def test_compilation_cache_keeps_even_quick_compiles(tmp_path):
     """serve.py's --compilation-cache: every program, however quick to compile, is written to
-    the cache, so a restarted server loads its buckets instead of compiling them again."""
-    import jax
-    import jax.numpy as jnp
-
-    from dsv3_jax.serve.loading import use_compilation_cache
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {n: getattr(jax.config, n) for n in names}
-    try:
-        use_compilation_cache(tmp_path / "xla")
-        jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
-        assert any((tmp_path / "xla").iterdir())
-    finally:
-        for n, v in before.items():
-            jax.config.update(n, v)
+    the cache, so a restarted server loads its buckets instead of compiling them again. In a
+    child process: JAX initialises its persistent cache once per process and keeps it, so turned
+    on here it would serialise every later test's executables (which crashed XLA:CPU in CI)."""
+    import subprocess
+    import sys
+    code = ("import jax, jax.numpy as jnp, sys\n"
+            "from dsv3_jax.serve.loading import use_compilation_cache\n"
+            "use_compilation_cache(sys.argv[1])\n"
+            "jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], check=True, timeout=120,
+                   env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert any((tmp_path / "xla").iterdir())
