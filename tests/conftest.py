@@ -22,3 +22,15 @@ def fixtures_dir() -> Path:
     if not FIXTURES.exists():
         pytest.fail(f"golden fixtures missing at {FIXTURES}: run tests/fixtures/make_fixtures.py")
     return FIXTURES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop each module's compiled programs when it ends. XLA:CPU maps the code of every
+    executable into the process (a few mappings each); the whole suite in one process passed
+    Linux's vm.max_map_count (65,530), after which compiles and serialisations segfaulted
+    (the serving tests alone reach ~32,000)."""
+    yield
+    import gc
+    jax.clear_caches()
+    gc.collect()
