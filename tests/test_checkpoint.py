@@ -37,6 +37,7 @@ def _flat(tree):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(tree)))]
 
 
+@pytest.mark.slow  # CI time: test_train_loop.py resumes exactly after a SIGKILL by default
 def test_round_trip_resumes_identically(tmp_path):
     model, opt = _setup()
     for _ in range(3):

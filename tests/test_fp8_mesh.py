@@ -48,7 +48,8 @@ def single_device(config, tmp_path_factory):
     return _train(config, tmp_path_factory.mktemp("fp8-single"))
 
 
-@pytest.mark.parametrize("mesh", ["expert=8", "data=2,tensor=2,expert=2",
+@pytest.mark.parametrize("mesh", [pytest.param("expert=8", marks=pytest.mark.slow),
+                                  "data=2,tensor=2,expert=2",
                                   pytest.param("pipeline=2,expert=4", marks=pytest.mark.slow)])
 def test_fp8_training_on_a_mesh_equals_one_device(mesh, config, single_device, tmp_path):
     hist = _train(config, tmp_path, mesh=mesh)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from dsv3_jax import ModelConfig, init_model
@@ -43,6 +44,7 @@ def _train(precision: str, data) -> list[float]:
     return [float(step(model, opt, data[i])) for i in range(STEPS)]
 
 
+@pytest.mark.slow  # CI time (~3 CPU-minutes); FP8 training on a mesh vs one device: test_fp8_mesh.py
 def test_fp8_training_tracks_fp32():
     data = _markov_corpus()
     fp32, fp8 = _train("fp32", data), _train("fp8", data)

@@ -403,6 +403,7 @@ def test_cancelled_requests_leave_a_full_queue(tiny_engine):
     assert running[0].finish_reason == "cancelled" and len(running[1].result()) == 30
 
 
+@pytest.mark.slow  # CI time: FP8 serving on one device and meshes: tests/test_fp8_sharded.py
 def test_fp8_checkpoint_serves():
     """precision='fp8' keeps an FP8 checkpoint's kv_b_proj as e4m3 blocks (a QuantizedWeight):
     the absorbed decode dequantizes it; the first tokens agree with the fp8 full forward."""

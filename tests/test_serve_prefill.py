@@ -29,6 +29,7 @@ def _prefill_only(engine: Engine, prompts) -> int:
     return calls, reqs
 
 
+@pytest.mark.slow  # CI time: the greedy-token test below runs chunked prefill end to end
 def test_chunked_prefill_writes_what_one_prefill_writes():
     """Latent caches (main stacks and MTP), first tokens and MTP drafts: a 45-token and a
     16-token prompt prefilled 8 tokens at a time, as in one call each."""

@@ -54,7 +54,8 @@ def _grads_by_path(grads):
     return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
 
 
-@pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.parametrize("spec", [m if m != "fsdp=2,expert=4" else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in MESHES])  # CI time: fsdp with -m slow
 def test_sharded_forward_and_gradients_match_single_device(spec, reference):
     mesh = make_mesh(spec)
     loss, out, grads = _run(init_model(CFG, seed=0, mesh=mesh), mesh)
@@ -75,7 +76,7 @@ def loaded_reference():
     return _run(load_hf(FIXTURES / "v3_mtp", dtype=jnp.float32))
 
 
-@pytest.mark.parametrize("spec", LOAD_MESHES)
+@pytest.mark.parametrize("spec", [pytest.param(LOAD_MESHES[0], marks=pytest.mark.slow), *LOAD_MESHES[1:]])
 def test_load_hf_onto_a_mesh(spec, loaded_reference):
     """Each device reads its own shards; logits match transformers, gradients the 1-device run."""
     ref = np.load(FIXTURES / "v3_mtp" / "reference.npz")

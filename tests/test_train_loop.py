@@ -128,6 +128,7 @@ def single_device_losses(corpus, config, tmp_path_factory):
     return np.array([h["loss"] for h in hist])
 
 
+@pytest.mark.slow  # CI time: the two-process run below is a mesh run too
 def test_mesh_run_matches_single_device(corpus, config, tmp_path, single_device_losses):
     """--mesh data=2,expert=4 (expert-parallel all-to-all, FSDP) gives the single-device losses."""
     sharded = _run(corpus, tmp_path / "mesh", config, steps=20, batch_size=8, checkpoint_every=20,
