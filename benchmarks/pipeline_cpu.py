@@ -15,10 +15,8 @@ reference: the same step with the same devices all on the data axis. Appends to 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -28,50 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from _common import append_section, median, table  # noqa: E402
-from dsv3_jax import ModelConfig, init_model  # noqa: E402
+from pipeline_schedules import Variant  # noqa: E402 -- one compiled step per (mesh, M)
+from dsv3_jax import ModelConfig  # noqa: E402
 from dsv3_jax.train.flops import flops_per_token  # noqa: E402
-from dsv3_jax.train.loop import replicate_unplaced  # noqa: E402
-from dsv3_jax.train.optimizer import make_optimizer  # noqa: E402
-from dsv3_jax.train.step import train_step  # noqa: E402
 from sharding import make_mesh  # noqa: E402
 from sharding.pipeline import plan_stages  # noqa: E402
-from sharding.rules import batch_axes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Variant:
-    """One compiled training step (a mesh and a micro-batch count) with its own model."""
-
-    def __init__(self, cfg: ModelConfig, mesh_spec: str, microbatches: int | None, batch: int,
-                 seq: int):
-        self.mesh = make_mesh(mesh_spec)
-        self.model = init_model(cfg, seed=0, mesh=self.mesh)
-        self.optimizer = nnx.Optimizer(self.model, make_optimizer(self.model, lr=1e-3),
-                                       wrt=nnx.Param)
-        replicate_unplaced(self.optimizer, self.mesh)  # as train() does: no step-2 recompile
-        self.step = nnx.jit(functools.partial(train_step, microbatches=microbatches))
-        rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, batch, seq + 1), np.int32)
-        self.ids = jax.device_put(rows, NamedSharding(
-            self.mesh, PartitionSpec(None, batch_axes(self.mesh), None)))
-        self.times: list[float] = []
-        t = time.perf_counter()
-        self.loss = float(self.run()["loss"])  # compiles
-        self.first = time.perf_counter() - t
-
-    def run(self):
-        with jax.set_mesh(self.mesh):
-            return jax.block_until_ready(self.step(self.model, self.optimizer, self.ids))
-
-    def time_one(self) -> None:
-        t = time.perf_counter()
-        self.run()
-        self.times.append(time.perf_counter() - t)
 
 
 def pipelined_share(cfg: ModelConfig, plan, seq: int) -> float:
@@ -97,10 +60,10 @@ def main() -> None:
     baseline = f"data={jax.device_count()}"
     load_before = os.getloadavg()[0]
 
-    base = Variant(cfg, baseline, None, args.batch, args.seq)
+    base = Variant(cfg, baseline, None, None, args.batch, args.seq)
     ms = [int(v) for v in args.microbatches.split(",")]
     plans = {m: plan_stages(cfg, stages, m) for m in ms}
-    variants = {m: Variant(cfg, args.mesh, m, args.batch, args.seq) for m in ms}
+    variants = {m: Variant(cfg, args.mesh, "gpipe", m, args.batch, args.seq) for m in ms}
     print(f"compiled {1 + len(ms)} steps", flush=True)
     for m, v in variants.items():
         if abs(v.loss - base.loss) > 1e-5 * abs(base.loss):

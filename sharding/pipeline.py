@@ -137,24 +137,10 @@ def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
     cfg = model.cfg
     mesh = jax.sharding.get_abstract_mesh()
     plan = plan_stages(cfg, mesh.shape[AXIS], microbatches)
-    check_token_ids(input_ids, cfg.vocab_size)
-    b, s = input_ids.shape
-    check_microbatches(b, plan, mesh)
-    positions = default_positions((b, s), positions, segment_ids)
-    cos, sin = rope_cos_sin(cfg, positions)
-    x = constrain(model.embed(input_ids), ACT)
-    if model.dense_layers is not None:
-        x, _ = _run_layers(*_split(model.dense_layers), x, cos, sin, model.remat,
-                           segment_ids=segment_ids)
-    gd, leaves, treedef = _split(model.moe_layers)
-    layouts = [_layer_split_spec(var, mesh) for var in _variables(model.moe_layers)]
-    r = plan.moe_before
-    aux_before = None
-    if r:
-        x, aux_before = _run_layers(gd, [v[:r] for v in leaves], treedef, x, cos, sin, model.remat,
-                                    segment_ids=segment_ids)
-    x, aux = _pipeline(gd, [v[r:] for v in leaves], layouts, treedef, x, cos, sin, segment_ids,
-                       plan, model.remat)
+    x, cos, sin, aux_before, (gd, pipelined, treedef, layouts) = before_pipeline(
+        model, input_ids, positions, segment_ids, plan, mesh)
+    x, aux = _pipeline(gd, pipelined, layouts, treedef, x, cos, sin, segment_ids, plan,
+                       model.remat)
     if aux_before is not None:
         aux = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), aux_before, aux)
     hidden = model.norm(x)
@@ -169,6 +155,31 @@ def pipeline_forward(model: Transformer, input_ids: Int[Array, "batch seq"],
         if logits:
             out.mtp_logits = tuple(model.head(h) for h in out.mtp_hidden)
     return out
+
+
+def before_pipeline(model: Transformer, input_ids: Int[Array, "batch seq"],
+                    positions: Int[Array, "batch seq"] | None,
+                    segment_ids: Int[Array, "batch seq"] | None, plan: StagePlan, mesh):
+    """What runs on every device before the pipelined MoE layers (any schedule): the embedding,
+    the dense layers and the `plan.moe_before` MoE layers that do not fill a round of stages.
+    Returns (x, cos, sin, their aux or None, (graphdef, the pipelined layers' leaves, treedef,
+    the leaves' stage layouts))."""
+    check_token_ids(input_ids, model.cfg.vocab_size)
+    b, s = input_ids.shape
+    check_microbatches(b, plan, mesh)
+    cos, sin = rope_cos_sin(model.cfg, default_positions((b, s), positions, segment_ids))
+    x = constrain(model.embed(input_ids), ACT)
+    if model.dense_layers is not None:
+        x, _ = _run_layers(*_split(model.dense_layers), x, cos, sin, model.remat,
+                           segment_ids=segment_ids)
+    gd, leaves, treedef = _split(model.moe_layers)
+    layouts = [_layer_split_spec(var, mesh) for var in _variables(model.moe_layers)]
+    r = plan.moe_before
+    aux_before = None
+    if r:
+        x, aux_before = _run_layers(gd, [v[:r] for v in leaves], treedef, x, cos, sin, model.remat,
+                                    segment_ids=segment_ids)
+    return x, cos, sin, aux_before, (gd, [v[r:] for v in leaves], treedef, layouts)
 
 
 def check_microbatches(batch: int, plan: StagePlan, mesh) -> None:

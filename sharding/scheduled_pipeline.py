@@ -33,13 +33,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from dsv3_jax.layers.rope import rope_cos_sin
-from dsv3_jax.model import ACT, ModelOutput, Transformer, check_token_ids, default_positions
+from dsv3_jax.model import ACT, ModelOutput, Transformer
 from dsv3_jax.train.losses import loss_from_output, weight_sums
 from sharding.mesh import platform as mesh_platform
-from sharding.pipeline import (AXIS, PipelineError, _layer_split_spec, _run_layers, _split,
-                               _stage_dispatcher, _variables, check_microbatches, pipeline_stages,
-                               plan_stages, stage_rules)
+from sharding.pipeline import (AXIS, PipelineError, _stage_dispatcher, before_pipeline,
+                               pipeline_stages, plan_stages, stage_rules)
 from sharding.pipeline_executor import StageSetup, run_program
 from sharding.stage_calculus import LayerStack, Vjp
 from sharding.rules import constrain, use_rules
@@ -67,22 +65,10 @@ def pipeline_lm_loss(model: Transformer, batch: Int[Array, "batch seq_plus_1"], 
         raise PipelineError(str(e)) from None
     plan = plan_stages(cfg, stages, microbatches, chunks=sched.chunks, schedule=schedule)
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    check_token_ids(inputs, cfg.vocab_size)
     b, s = inputs.shape
-    check_microbatches(b, plan, mesh)
     seg_in = None if segment_ids is None else segment_ids[:, :-1]
-    cos, sin = rope_cos_sin(cfg, default_positions((b, s), None, seg_in))
-    x = constrain(model.embed(inputs), ACT)
-    if model.dense_layers is not None:
-        x, _ = _run_layers(*_split(model.dense_layers), x, cos, sin, model.remat,
-                           segment_ids=seg_in)
-    gd, leaves, treedef = _split(model.moe_layers)
-    layouts = [_layer_split_spec(var, mesh) for var in _variables(model.moe_layers)]
-    r = plan.moe_before
-    aux_before = None
-    if r:
-        x, aux_before = _run_layers(gd, [v[:r] for v in leaves], treedef, x, cos, sin, model.remat,
-                                    segment_ids=seg_in)
+    x, cos, sin, aux_before, (gd, pipelined, treedef, layouts) = before_pipeline(
+        model, inputs, None, seg_in, plan, mesh)
     depth = len(model.mtp) if mtp_lambda > 0 else 0
     if denominators is None:
         denominators = weight_sums(segment_ids, loss_mask, (b, s + 1), depth)
@@ -97,7 +83,6 @@ def pipeline_lm_loss(model: Transformer, batch: Int[Array, "batch seq_plus_1"], 
     post_graph, post_state = nnx.split((model.norm, *([model.mtp] if depth else [])))
     # the embedding only when MTP reads it (else the stages would carry its gradient for nothing)
     post_params = (post_state, model.lm_head[...], model.embed_tokens[...] if depth else None)
-    pipelined = [v[r:] for v in leaves]
     if sched.chunks == 2:  # device d holds virtual stages d and 2P - 1 - d (the V)
         n = plan.moe_per_stage
         order = np.concatenate([np.r_[d * n:(d + 1) * n, (2 * stages - 1 - d) * n:
@@ -154,7 +139,7 @@ def _scheduled(ctx):
 
 def _execute(ctx, prog, pipelined, post_params, xs, data):
     sched, plan = ctx["sched"], ctx["plan"]
-    M, chunks, n = sched.microbatches, sched.chunks, plan.moe_per_stage
+    M, n = sched.microbatches, plan.moe_per_stage
     gd, treedef = ctx["graphdef"], ctx["treedef"]
 
     def stage_program(pipelined, post_params, xs, data):

@@ -23,6 +23,7 @@ import sys
 
 from dsv3_jax.aot.targets import NAMES, TargetError, parse_target
 from sharding.mesh import MeshError
+from sharding.pipeline import PipelineError
 
 
 def run_subprocess(args: list[str], *, timeout: float = 1800) -> dict:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         setup = plan_cli.setup_from_args(args)
         plan.check_batch(setup)
         target = parse_target(args.target, setup.devices)
-    except (TargetError, MeshError) as e:
+    except (TargetError, MeshError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = target.environ(setup.devices)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     from dsv3_jax.aot.compile import compile_step
     try:
         result = compile_step(setup, target, args.step)
-    except TargetError as e:
+    except (TargetError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if limit is not None and result.peak_rss > limit:
