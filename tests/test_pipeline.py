@@ -83,6 +83,7 @@ def test_pipelined_loss_and_gradients_match_single_device(spec, micro, reference
         assert _rel(g[k], rg[k]) <= 1e-5, (k, _rel(g[k], rg[k]))
 
 
+@pytest.mark.slow  # CI time: bf16 compute is tested unpipelined in test_model.py
 def test_bf16_pipeline_compiles_runs_and_tracks_fp32(reference):
     """bf16 compute through the stages (XLA:CPU aborted on the stages' bf16 all-reduces,
     "Invalid binary instruction opcode copy"; they now cross the shard_map in fp32)."""

@@ -99,7 +99,7 @@ def mtp():
     return model, tokens, logits
 
 
-@pytest.mark.parametrize("which", ["tiny", "mtp"])
+@pytest.mark.parametrize("which", ["tiny", pytest.param("mtp", marks=pytest.mark.slow)])  # CI time
 def test_cached_decode_matches_full_forward(which, request):
     """64 greedy steps, prompts of lengths 5 / 11 / 16 in one batch: same tokens as repeated
     full forwards, logits within fp32 rounding; the engine's scheduler gives the same tokens,

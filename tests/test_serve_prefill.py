@@ -120,6 +120,7 @@ def test_prefill_chunk_must_be_positive():
         Engine(init_model(TINY, seed=0), max_seq_len=T, max_batch=1, prefill_chunk=0)
 
 
+@pytest.mark.slow  # CI time: the chunk-window precompile test below covers the same path
 def test_precompile_covers_what_serving_calls():
     """After `Engine.precompile()` requests of any length and batch (echo included) compile
     nothing more; idle slots past the busy ones are left out of decode steps."""

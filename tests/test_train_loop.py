@@ -64,6 +64,7 @@ def test_loss_falls_and_metrics_are_written(corpus, config, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
 
 
+@pytest.mark.slow  # CI time: tests/test_train_sft.py SIGKILLs a run and resumes it exactly by default
 def test_sigkill_then_resume_continues_exactly(corpus, config, tmp_path):
     """A run SIGKILLed after a checkpoint, then resumed, gives the uninterrupted run's losses."""
     full = _run(corpus, tmp_path / "a", config, steps=12, checkpoint_every=2)
