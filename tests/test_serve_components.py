@@ -122,7 +122,7 @@ def test_compilation_cache_keeps_even_quick_compiles(tmp_path):
     """serve.py's --compilation-cache: every program, however quick to compile, is written to
     the cache, so a restarted server loads its buckets instead of compiling them again. In a
     child process: JAX initialises its persistent cache once per process and keeps it, so turned
-    on here it would serialise every later test's executables (which crashed XLA:CPU in CI)."""
+    on here it would serialise every later test's executables into it."""
     import subprocess
     import sys
     code = ("import jax, jax.numpy as jnp, sys\n"
