@@ -44,7 +44,8 @@ def _train(precision: str, data) -> list[float]:
     return [float(step(model, opt, data[i])) for i in range(STEPS)]
 
 
-@pytest.mark.slow  # CI time (~3 CPU-minutes); FP8 training on a mesh vs one device: test_fp8_mesh.py
+# CI time (~3 CPU-minutes); FP8 training on a mesh vs one device: tests/test_fp8_mesh.py
+@pytest.mark.slow
 def test_fp8_training_tracks_fp32():
     data = _markov_corpus()
     fp32, fp8 = _train("fp32", data), _train("fp8", data)

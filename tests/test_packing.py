@@ -234,7 +234,8 @@ def test_packer_errors_and_mixed_states():
 
 # ------------------------------------------------------------------- train.py --pack-documents
 
-@pytest.mark.slow  # CI time: packed losses and gradients are checked above, meshes in test_train_loop.py
+# CI time: packed losses and gradients are checked above, meshes in test_train_loop.py
+@pytest.mark.slow
 def test_train_pack_documents_on_a_mesh(tmp_path):
     """A few packed steps with expert parallelism, FSDP and gradient accumulation (--mesh
     data=2,expert=4 --accumulate 2); the checkpoint holds the packer's position."""

@@ -55,7 +55,8 @@ def reference():
     return _value_and_grad(init_model(CFG, seed=0), lambda m, ids: m.forward(ids))
 
 
-@pytest.mark.parametrize("spec,micro", [MESHES[0], pytest.param(*MESHES[1], marks=pytest.mark.slow)])
+@pytest.mark.parametrize("spec,micro", [MESHES[0],
+                                        pytest.param(*MESHES[1], marks=pytest.mark.slow)])
 def test_pipelined_loss_and_gradients_match_single_device(spec, micro, reference):
     """Without MTP, to keep the compile small: the training tests below run it (mtp_lambda 0.3),
     so its loss, gradients and bias update enter every step they compare."""
@@ -149,7 +150,8 @@ def single_device_run(corpus, config, tmp_path_factory):
     return _train(corpus, config, tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.slow  # CI: GPipe's losses and gradients above, 10 steps of 1F1B in test_pipeline_schedules.py
+# CI time: GPipe's losses and gradients above, 10 steps of 1F1B in test_pipeline_schedules.py
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,micro", MESHES)
 def test_pipelined_training_matches_single_device(spec, micro, corpus, config, tmp_path,
                                                   single_device_run):

@@ -4,14 +4,14 @@ Read from a compiled step's optimized HLO (`python -m dsv3_jax.aot ... --pipelin
 dualpipev --hlo FILE`, or `compiled.as_text()`). The executor runs a pair as one layer loop
 (`LayerStack.forward_backward` in sharding/stage_calculus.py): iteration l is the forward of
 layer l of one chunk and the backward of layer n - 1 - l of the other. Its loop body (or the
-switch branch a one-iteration loop was inlined into) is the computation holding matmuls of
-both halves that jax named inside a pair branch's loop; an instruction belongs to the backward half when jax named it inside
-a transpose (`transpose(...)` in its op_name: the backward, including the forward it
-recomputes under remat), else to the forward half. For each collective of the body
-(all-to-all, ragged-all-to-all, collective-permute, all-gather, all-reduce, reduce-scatter):
-is it asynchronous (a -start / -done pair, or an async-start wrapping it), and are matmuls
-(dots, convolutions, GEMM or ragged-dot custom calls, fusions or loops containing them) of
-the other half scheduled between its start and done. A synchronous collective overlaps
+switch branch a one-iteration loop was inlined into) is the computation holding matmuls of both
+halves that jax named inside a pair branch's loop; an instruction belongs to the backward half
+when jax named it inside a transpose (`transpose(...)` in its op_name: the backward, including
+the forward it recomputes under remat), else to the forward half. For each collective of the
+body (all-to-all, ragged-all-to-all, collective-permute, all-gather, all-reduce,
+reduce-scatter): is it asynchronous (a -start / -done pair, or an async-start wrapping it), and
+are matmuls (dots, convolutions, GEMM or ragged-dot custom calls, fusions or loops containing
+them) of the other half scheduled between its start and done. A synchronous collective overlaps
 nothing on the compute stream.
 """
 
