@@ -69,6 +69,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse(argv)
+    from dsv3_jax.host_memory import keep_freed_memory
+    keep_freed_memory()  # before JAX starts: XLA:CPU's temporaries reused, not page-faulted
     if args.prompt is None and args.prompt_ids is None and args.port is None:
         sys.exit("error: give --prompt, --prompt-ids or --port")
 

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import sys
 
+from dsv3_jax.host_memory import keep_freed_memory
 from dsv3_jax.train.loop import RunConfig, TrainingError, train
 
 
@@ -24,6 +25,7 @@ def parse(argv=None) -> RunConfig:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before JAX starts: XLA:CPU's temporaries reused, not page-faulted
     try:
         train(parse())
     except (TrainingError, ValueError, FileNotFoundError) as e:

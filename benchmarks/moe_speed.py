@@ -13,11 +13,14 @@ venv as for the fixtures) alternate over --repeats rounds, each timing:
   - forward: `model(ids)` on [batch, seq] ids (median of --iters after a warm-up); ours jitted
     as the serving engine does (jax.jit of the split state);
   - step: forward + next-token cross entropy + backward + clipping at 1.0 + AdamW; ours is
-    `dsv3_jax.train.step.train_step` with `train.optimizer.make_optimizer` (what train.py runs,
-    `--mtp-lambda 0`; its balance term is the only extra work);
+    `dsv3_jax.train.step.train_step` with `train.optimizer.make_optimizer`, model and optimizer
+    donated (what train.py runs, `--mtp-lambda 0`; its balance term is the only extra work);
   - MoE layer: forward + backward of one MoE layer on [1, --moe-tokens, hidden] (best of --iters).
 Threads as in benchmarks/forward_cpu.py: all usable cores by default (XLA's pool; torch
-`set_num_threads`), both processes pinned to the first T cores when --threads is smaller.
+`set_num_threads`), both processes pinned to the first T cores when --threads is smaller; torch
+with its default OpenMP settings (OMP_WAIT_POLICY=PASSIVE, used here before 2026-12-01 22:00,
+made its step 1.6-1.9x slower on a quiet machine). Ours as train.py runs: glibc malloc keeps
+freed memory (dsv3_jax/host_memory.py; no gain for torch when given the same settings).
 The table gives medians over rounds, tokens/s, achieved GFLOP/s (6 x activated matmul parameters
 + attention per token, dsv3_jax/train/flops.py; forward a third of it) next to this machine's
 measured fp32 matmul peak (best of jnp.dot on 2048 x 2048), ours / PyTorch speed ratios (> 1:
@@ -49,11 +52,13 @@ def jax_worker(args) -> int:
     from flax import nnx
 
     import dsv3_jax
+    from dsv3_jax.host_memory import keep_freed_memory
     from dsv3_jax.layers.moe import MoE
     from dsv3_jax.train.flops import flops_per_token
     from dsv3_jax.train.optimizer import make_optimizer
     from dsv3_jax.train.step import train_step
 
+    keep_freed_memory()  # as train.py and serve.py, before JAX starts
     cfg = dsv3_jax.ModelConfig.from_json(args.config)
     model = dsv3_jax.init_model(cfg, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -70,7 +75,7 @@ def jax_worker(args) -> int:
         lambda: jax.block_until_ready(forward(model_state, ids[:, :-1])), args.iters))
 
     optimizer = nnx.Optimizer(model, make_optimizer(model), wrt=nnx.Param)
-    step = nnx.jit(lambda m, o, b: train_step(m, o, b, mtp_lambda=0.0))
+    step = nnx.jit(lambda m, o, b: train_step(m, o, b, mtp_lambda=0.0), donate_argnums=(0, 1))
     result["step_s"] = median(timed(
         lambda: jax.block_until_ready(step(model, optimizer, ids[None])), args.iters))
 
@@ -97,7 +102,8 @@ def run_one(impl: str, args, config: Path, threads: int) -> dict:
     common = ["--config", str(config), "--batch", str(args.batch), "--seq", str(args.seq),
               "--iters", str(args.iters), "--moe-tokens", str(args.moe_tokens),
               "--threads", str(threads)]
-    return side_by_side(impl, __file__, HF_SCRIPT, args.transformers_python, common, threads)
+    return side_by_side(impl, __file__, HF_SCRIPT, args.transformers_python, common, threads,
+                        omp_wait_policy="")
 
 
 def main() -> int:
@@ -178,9 +184,9 @@ def main() -> int:
                 f"and part, {args.repeats} alternating rounds, medians; MoE layer: forward + "
                 f"backward on {args.moe_tokens} tokens, best of {args.iters}. PyTorch side: "
                 f"{versions or 'not run'}, eager attention, default grouped_mm experts, "
-                f"torch.optim.AdamW. Speed vs PyTorch = PyTorch's time / ours (> 1: we are "
-                f"faster). fp32 matmul peak of this machine (jnp.dot 2048 x 2048): {peak}. "
-                f"{load}.\n\n{out}\n")
+                f"torch.optim.AdamW, default OpenMP settings. Speed vs PyTorch = PyTorch's "
+                f"time / ours (> 1: we are faster). fp32 matmul peak of this machine (jnp.dot "
+                f"2048 x 2048): {peak}. {load}.\n\n{out}\n")
         append_section("Routed experts on CPU: dsv3-jax vs PyTorch at 16, 64, 256 experts", body)
     return 0
 

@@ -8,8 +8,9 @@ loops. Here one loop iteration takes a chunk of tiles through the whole FFN,
 
     g = x W_gate[e],  u = x W_up[e],  h = silu(g) * u,  y = h W_down[e],
 
-so each chunk's three expert weights are gathered once and its intermediates stay in cache;
-the backward pass is one loop too (dh, the SwiGLU's vjp, dx and the three weight gradients).
+so each chunk's three expert weights are gathered once and no intermediate is written out for
+another loop to read; the backward pass is one loop too (dh, the SwiGLU's vjp, dx and the three
+weight gradients).
 The numerics are those of the three-matmul composition: operands in `dtype`, every product
 fp32-accumulated and rounded once (g, u and dh to `dtype`, y to `out_dtype`), the SwiGLU and its
 gradient by autodiff of the same expression in `dtype`, weight gradients accumulated in fp32.

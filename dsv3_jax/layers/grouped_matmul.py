@@ -22,9 +22,12 @@ from jaxtyping import Array, Bool, Float, Int
 from dsv3_jax import fp8 as f8
 from sharding.mesh import platform as mesh_platform
 
-# Gathered expert weights per loop iteration are bounded by this many elements: 1 MiB in fp32 on
-# CPU (cache-sized: each gathered weight is read back from cache), 64 MiB on accelerators.
-_CHUNK_ELEMENTS = {"cpu": 1 << 18}
+# Gathered expert weights per loop iteration are bounded by this many elements: 8 MiB in fp32 on
+# CPU, 64 MiB on accelerators. On CPU fewer, larger iterations win over cache-sized ones (1 MiB):
+# XLA:CPU runs each iteration's ops one after another, and batched dots of ~20 tiles use both
+# threads where 2 tiles did not (64-expert step of benchmarks/moe_speed.py: 1.14 vs 1.43 s,
+# forward 0.28 vs 0.36 s; 4 and 16 MiB were no faster).
+_CHUNK_ELEMENTS = {"cpu": 1 << 21}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 24
 
 
