@@ -102,7 +102,7 @@ def _ffn_bwd(tile, out_dtype, res, dy):
         dx = jax.lax.dynamic_update_slice_in_dim(dx, dxs.astype(dtype), start, 0)
 
         def add(dw, a, b):  # dW[e] += a_t^T b_t over the chunk's own tiles (sorted by expert)
-            per_tile = jnp.einsum("tmk,tmn->tkn", a, b, preferred_element_type=_F32)
+            per_tile = gm.tile_weight_grads(a, b)
             return dw.at[gs].add(jnp.where(owned[:, None, None], per_tile, 0), indices_are_sorted=True)
 
         return dx, add(dw_gate, xs, dg), add(dw_up, xs, du), add(dw_down, h, dys)
