@@ -47,6 +47,23 @@ def test_blockwise_equals_dense_with_gradients(case):
         assert _rel(g, w) < 1e-5, (name, _rel(g, w))
 
 
+@pytest.mark.parametrize("case", [*CASES, "offsets"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_block_equals_dense_with_gradients(case, dtype):
+    """The CPU default for one score block: dense's function, its backward written out."""
+    sq, kw = (45, CASES[case]) if case in CASES else (20, dict(q_offset=jnp.array([0, 31]),
+                                                              kv_len=jnp.array([20, 51])))
+    ops32 = _operands(sq, 45 if case in CASES else 64)
+    ops = [x.astype(dtype) for x in ops32]
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    out = attention(*ops, scale=0.3, implementation="one_block", **kw)
+    assert out.dtype == dtype and _rel(out, dense_attention(*ops32, scale=0.3, **kw)) < tol
+    got = _grads(lambda *a, **k: attention(*a, implementation="one_block", **k), ops, **kw)
+    want = _grads(dense_attention, ops32, **kw)
+    for name, g, w in zip(("q_nope", "q_pe", "k_nope", "k_pe", "v"), got, want):
+        assert g.dtype == dtype and _rel(g, w) < 10 * tol, (name, _rel(g, w))
+
+
 def test_offsets_and_lengths_as_in_chunked_prefill():
     """A chunk of 20 queries at per-row offsets over a 64-key cache filled to per-row lengths."""
     ops = _operands(20, 64)
@@ -114,8 +131,9 @@ def test_each_backend_gets_its_kernel_where_it_applies(monkeypatch):
     assert pick("tpu") == "splash" and pick("tpu", segments=True) == "splash"
     assert pick("gpu") == "cudnn" and pick("gpu", segments=True) == "blockwise"
     assert pick("cpu") == "blockwise"
-    # one score block on CPU: the dense form (training at seq 256, short prefills)
-    assert pick("cpu", sq=256, sk=256) == "dense" and pick("cpu", sq=256, sk=512) == "dense"
+    # one score block on CPU: the dense form with its written-out backward (training at seq 256,
+    # short prefills)
+    assert pick("cpu", sq=256, sk=256) == "one_block" and pick("cpu", sq=256, sk=512) == "one_block"
     assert pick("cpu", sq=512, sk=512) == "blockwise"
     for platform in ("tpu", "gpu"):
         assert pick(platform, dtype=jnp.float32) == "blockwise"       # fp32: the reference

@@ -22,9 +22,10 @@ backend kernel applies. Where one does (causal attention with no offsets, bf16/f
 they are, segment ids supported; run per shard under `shard_map` over the logical batch and
 heads axes), on NVIDIA GPUs cuDNN flash attention through `jax.nn.dot_product_attention`
 (whose API needs V as wide as K: V is zero-padded to 192, +20% attention FLOPs; no segment
-ids), also per shard (its own partitioning rule fails inside the pipeline's shard_map). `implementation=` (or the `implementation(...)` context) forces a choice, "dense" being
-the whole-score-matrix form the model used before (the oracle); `block_sizes` picks the blocks
-per backend.
+ids), also per shard (its own partitioning rule fails inside the pipeline's shard_map). On CPU,
+scores that fit one block use "one_block": the dense form with its backward pass written out.
+`implementation=` (or the `implementation(...)` context) forces a choice, "dense" being the
+whole-score-matrix form by autodiff (the oracle); `block_sizes` picks the blocks per backend.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from jaxtyping import Array, Float, Int
 from sharding.mesh import platform as mesh_platform
 from sharding.rules import logical_to_spec
 
-IMPLEMENTATIONS = ("blockwise", "splash", "cudnn", "dense")
+IMPLEMENTATIONS = ("blockwise", "splash", "cudnn", "dense", "one_block")
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention", default=None)
 
 
@@ -115,6 +116,10 @@ def attention(q_nope: Float[Array, "batch sq heads nope"], q_pe: Float[Array, "b
         return dense_attention(q_nope, q_pe, k_nope, k_pe, v, scale=scale, q_offset=q_offset,
                                kv_len=kv_len, q_segment_ids=q_segment_ids,
                                kv_segment_ids=kv_segment_ids)
+    if impl == "one_block":
+        return one_block_attention(q_nope, q_pe, k_nope, k_pe, v, scale=scale, q_offset=q_offset,
+                                   kv_len=kv_len, q_segment_ids=q_segment_ids,
+                                   kv_segment_ids=kv_segment_ids)
     if impl != "blockwise":
         raise ValueError(f"attention: implementation {impl!r}; allowed {IMPLEMENTATIONS}")
     dq, dk = block_sizes(sq, sk, _platform())  # the target's, also when compiling ahead of time
@@ -142,12 +147,12 @@ def _platform() -> str:
 def default_implementation(dtype, seq_q: int, seq_k: int, *, offsets: bool, segments: bool,
                            platform: str | None = None) -> str:
     """The backend kernel where it applies (causal, no offsets, bf16/fp16), else "blockwise";
-    on CPU "dense" when the scores are one block anyway (the blockwise loop would only add its
-    recomputation in the backward pass and its bookkeeping)."""
+    on CPU "one_block" when the scores are one block anyway (the blockwise loop would only add
+    its recomputation in the backward pass and its bookkeeping)."""
     platform = platform or _platform()
     if platform == "cpu":
         bq, bk = block_sizes(seq_q, seq_k, platform)
-        return "dense" if seq_q <= bq and seq_k <= bk else "blockwise"
+        return "one_block" if seq_q <= bq and seq_k <= bk else "blockwise"
     if offsets or seq_q != seq_k or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return "blockwise"
     if platform == "tpu":
@@ -248,6 +253,48 @@ def dense_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=Non
                  q_segment_ids, kv_segment_ids, q_nope.shape[0])
     p = jax.nn.softmax(jnp.where(mask[:, None], s, _NEG), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=f32).astype(v.dtype)
+
+
+def one_block_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=None,
+                        kv_len=None, q_segment_ids=None, kv_segment_ids=None) -> jax.Array:
+    """`dense_attention`'s function with its backward pass written out (a custom VJP): the
+    products that contract over query rows (dV, dK) read the probabilities and their gradient
+    transposed once, written out, so XLA:CPU runs row-major batched GEMMs instead of the slower
+    transposed-operand contractions autodiff of the dense form gives it."""
+    mask = _mask(jnp.arange(q_nope.shape[1]), jnp.arange(k_nope.shape[1]), q_offset, kv_len,
+                 q_segment_ids, kv_segment_ids, q_nope.shape[0])
+    return _one_block(float(scale), q_nope, q_pe, k_nope, k_pe, v, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _one_block(scale, qn, qp, kn, kp, v, mask):
+    return _one_block_fwd(scale, qn, qp, kn, kp, v, mask)[0]
+
+
+def _one_block_fwd(scale, qn, qp, kn, kp, v, mask):
+    s = _scores(qn, qp, kn, kp, scale)
+    p = jax.nn.softmax(jnp.where(mask[:, None], s, _NEG), axis=-1)  # [b, h, q, k] fp32
+    out = _dot("bhqk,bkhd->bqhd", p.astype(v.dtype), v).astype(v.dtype)
+    return out, (qn, qp, kn, kp, v, mask, p)
+
+
+def _one_block_bwd(scale, res, dout):
+    qn, qp, kn, kp, v, mask, p = res
+    dout = dout.astype(v.dtype)
+    rows_last = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # noqa: E731
+    dv = _dot("bhkq,bqhd->bkhd", rows_last(p.astype(v.dtype)), dout)
+    dp = _dot("bqhd,bkhd->bhqk", dout, v)
+    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale
+    ds_t = rows_last(ds.astype(qn.dtype))
+    ds = ds.astype(qn.dtype)
+    return (_dot("bhqk,bkhd->bqhd", ds, kn).astype(qn.dtype),
+            _dot("bhqk,bkr->bqhr", ds, kp).astype(qp.dtype),
+            _dot("bhkq,bqhd->bkhd", ds_t, qn).astype(kn.dtype),
+            _dot("bhkq,bqhr->bkr", ds_t, qp).astype(kp.dtype),
+            dv.astype(v.dtype), None)
+
+
+_one_block.defvjp(_one_block_fwd, _one_block_bwd)
 
 
 def _mask(qi, kj, q_offset, kv_len, q_seg, k_seg, b) -> jax.Array:
