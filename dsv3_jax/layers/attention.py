@@ -255,8 +255,16 @@ def dense_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=Non
     return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=f32).astype(v.dtype)
 
 
-def one_block_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=None,
-                        kv_len=None, q_segment_ids=None, kv_segment_ids=None) -> jax.Array:
+def one_block_attention(q_nope: Float[Array, "batch sq heads nope"],
+                        q_pe: Float[Array, "batch sq heads rope"],
+                        k_nope: Float[Array, "batch sk heads nope"],
+                        k_pe: Float[Array, "batch sk rope"],
+                        v: Float[Array, "batch sk heads dv"], *, scale: float,
+                        q_offset: Int[Array, "batch"] | None = None,
+                        kv_len: Int[Array, "batch"] | None = None,
+                        q_segment_ids: Int[Array, "batch sq"] | None = None,
+                        kv_segment_ids: Int[Array, "batch sk"] | None = None
+                        ) -> Float[Array, "batch sq heads dv"]:
     """`dense_attention`'s function with its backward pass written out (a custom VJP): the
     products that contract over query rows (dV, dK) read the probabilities and their gradient
     transposed once, written out, so XLA:CPU runs row-major batched GEMMs instead of the slower
@@ -275,11 +283,11 @@ def _one_block_fwd(scale, qn, qp, kn, kp, v, mask):
     s = _scores(qn, qp, kn, kp, scale)
     p = jax.nn.softmax(jnp.where(mask[:, None], s, _NEG), axis=-1)  # [b, h, q, k] fp32
     out = _dot("bhqk,bkhd->bqhd", p.astype(v.dtype), v).astype(v.dtype)
-    return out, (qn, qp, kn, kp, v, mask, p)
+    return out, (qn, qp, kn, kp, v, p)  # p is zero where the mask hides a key
 
 
 def _one_block_bwd(scale, res, dout):
-    qn, qp, kn, kp, v, mask, p = res
+    qn, qp, kn, kp, v, p = res
     dout = dout.astype(v.dtype)
     rows_last = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # noqa: E731
     dv = _dot("bhkq,bqhd->bkhd", rows_last(p.astype(v.dtype)), dout)
