@@ -91,13 +91,39 @@ def make_layout(group_ids: Int[Array, "rows"], num_groups: int, *, tile: int | N
 
 def scatter_rows(x: Float[Array, "rows d"], layout: GroupedLayout) -> Float[Array, "size d"]:
     """Place routed rows into the tiled buffer (padding rows are zero)."""
-    buf = jnp.zeros((layout.size, x.shape[-1]), x.dtype)
-    return buf.at[layout.dest].set(x, mode="drop")
+    return _take_rows(x, _source_rows(layout), layout.dest)
 
 
 def gather_rows(buf: Float[Array, "size d"], layout: GroupedLayout) -> Float[Array, "rows d"]:
     """Read each routed row back from the buffer (rows not routed read as zero)."""
-    return buf.at[layout.dest].get(mode="fill", fill_value=0)
+    return _take_rows(buf, layout.dest, _source_rows(layout))
+
+
+def _source_rows(layout: GroupedLayout) -> Int[Array, "size"]:
+    """Buffer row -> the routed row placed there (== rows for padding): `dest` inverted."""
+    rows = layout.dest.shape[0]
+    return jnp.full((layout.size,), rows, jnp.int32).at[layout.dest].set(
+        jnp.arange(rows, dtype=jnp.int32), mode="drop")
+
+
+@jax.custom_vjp
+def _take_rows(x, index, inverse):
+    """x[index] (zero rows where `index` is out of range). `index` and `inverse` map rows one
+    to one both ways, so the transpose is a row gather too, dx = dout[inverse]: no zeroed
+    buffer and scatter(-add) in either direction (XLA:CPU's scatters cost more than gathers)."""
+    return x.at[index].get(mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, index, inverse):
+    return _take_rows(x, index, inverse), (index, inverse)
+
+
+def _take_rows_bwd(res, dout):
+    index, inverse = res
+    return dout.at[inverse].get(mode="fill", fill_value=0), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"], layout: GroupedLayout,
