@@ -245,14 +245,10 @@ def _splash(q_nope, q_pe, k_nope, k_pe, v, scale, q_seg, k_seg):
 
 def dense_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=None, kv_len=None,
                     q_segment_ids=None, kv_segment_ids=None) -> jax.Array:
-    """The same function with the whole [batch, heads, sq, sk] score matrix: the oracle."""
-    f32 = jnp.float32
-    s = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
-         + jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe, preferred_element_type=f32)) * scale
-    mask = _mask(jnp.arange(q_nope.shape[1]), jnp.arange(k_nope.shape[1]), q_offset, kv_len,
-                 q_segment_ids, kv_segment_ids, q_nope.shape[0])
-    p = jax.nn.softmax(jnp.where(mask[:, None], s, _NEG), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=f32).astype(v.dtype)
+    """The same function with the whole [batch, heads, sq, sk] score matrix: the oracle
+    (differentiated by autodiff through the forward pass `one_block_attention` also runs)."""
+    mask = _whole_mask(q_nope, k_nope, q_offset, kv_len, q_segment_ids, kv_segment_ids)
+    return _one_block_fwd(float(scale), q_nope, q_pe, k_nope, k_pe, v, mask)[0]
 
 
 def one_block_attention(q_nope: Float[Array, "batch sq heads nope"],
@@ -269,9 +265,14 @@ def one_block_attention(q_nope: Float[Array, "batch sq heads nope"],
     products that contract over query rows (dV, dK) read the probabilities and their gradient
     transposed once, written out, so XLA:CPU runs row-major batched GEMMs instead of the slower
     transposed-operand contractions autodiff of the dense form gives it."""
-    mask = _mask(jnp.arange(q_nope.shape[1]), jnp.arange(k_nope.shape[1]), q_offset, kv_len,
-                 q_segment_ids, kv_segment_ids, q_nope.shape[0])
+    mask = _whole_mask(q_nope, k_nope, q_offset, kv_len, q_segment_ids, kv_segment_ids)
     return _one_block(float(scale), q_nope, q_pe, k_nope, k_pe, v, mask)
+
+
+def _whole_mask(q_nope, k_nope, q_offset, kv_len, q_seg, k_seg) -> jax.Array:
+    """[batch, sq, sk] visibility of every key to every query."""
+    return _mask(jnp.arange(q_nope.shape[1]), jnp.arange(k_nope.shape[1]), q_offset, kv_len,
+                 q_seg, k_seg, q_nope.shape[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
