@@ -84,9 +84,10 @@ def test_stored_fp8_weights_feed_h100_gemms_without_a_copy():
     size = rows * 2 + E * tile
 
     def step(x, w, tile_group, used):
-        layout = gm.GroupedLayout(dest=jnp.arange(rows, dtype=jnp.int32), tile_group=tile_group,
-                                  group_sizes=jnp.zeros((E,), jnp.int32), used_tiles=used,
-                                  tile=tile, size=size)
+        dest = jnp.arange(rows, dtype=jnp.int32)
+        layout = gm.GroupedLayout(dest=dest, source=gm.source_rows(dest, size),
+                                  tile_group=tile_group, group_sizes=jnp.zeros((E,), jnp.int32),
+                                  used_tiles=used, tile=tile, size=size)
 
         def layer(h, w):  # the checkpoint's tensors, as stored
             q = QuantizedWeight.from_checkpoint(w[0], w[1], out_dims=(H, V))   # [D] -> [H, V]

@@ -36,6 +36,7 @@ class GroupedLayout:
     """Where each routed row sits in the tiled, expert-grouped buffer."""
 
     dest: Int[Array, "rows"]          # row -> position in the buffer (== size: not routed)
+    source: Int[Array, "size"]        # buffer position -> row (== rows: padding), dest inverted
     tile_group: Int[Array, "tiles"]   # tile -> expert
     group_sizes: Int[Array, "groups"] # routed rows per expert (unpadded)
     used_tiles: Int[Array, ""]        # tiles holding rows; the rest of the buffer is padding
@@ -44,7 +45,7 @@ class GroupedLayout:
 
 
 jax.tree_util.register_dataclass(
-    GroupedLayout, data_fields=["dest", "tile_group", "group_sizes", "used_tiles"],
+    GroupedLayout, data_fields=["dest", "source", "tile_group", "group_sizes", "used_tiles"],
     meta_fields=["tile", "size"])
 
 
@@ -84,26 +85,28 @@ def make_layout(group_ids: Int[Array, "rows"], num_groups: int, *, tile: int | N
     padded_end = jnp.cumsum(padded)
     tile_start = jnp.arange(size // tile) * tile
     tile_group = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), num_groups - 1)
-    return GroupedLayout(dest=dest.astype(jnp.int32), tile_group=tile_group.astype(jnp.int32),
+    dest = dest.astype(jnp.int32)
+    return GroupedLayout(dest=dest, source=source_rows(dest, size),
+                         tile_group=tile_group.astype(jnp.int32),
                          group_sizes=group_sizes, used_tiles=(padded.sum() // tile).astype(jnp.int32),
                          tile=tile, size=size)
 
 
 def scatter_rows(x: Float[Array, "rows d"], layout: GroupedLayout) -> Float[Array, "size d"]:
     """Place routed rows into the tiled buffer (padding rows are zero)."""
-    return _take_rows(x, _source_rows(layout), layout.dest)
+    return _take_rows(x, layout.source, layout.dest)
 
 
 def gather_rows(buf: Float[Array, "size d"], layout: GroupedLayout) -> Float[Array, "rows d"]:
     """Read each routed row back from the buffer (rows not routed read as zero)."""
-    return _take_rows(buf, layout.dest, _source_rows(layout))
+    return _take_rows(buf, layout.dest, layout.source)
 
 
-def _source_rows(layout: GroupedLayout) -> Int[Array, "size"]:
+def source_rows(dest: Int[Array, "rows"], size: int) -> Int[Array, "size"]:
     """Buffer row -> the routed row placed there (== rows for padding): `dest` inverted."""
-    rows = layout.dest.shape[0]
-    return jnp.full((layout.size,), rows, jnp.int32).at[layout.dest].set(
-        jnp.arange(rows, dtype=jnp.int32), mode="drop")
+    rows = dest.shape[0]
+    return jnp.full((size,), rows, jnp.int32).at[dest].set(jnp.arange(rows, dtype=jnp.int32),
+                                                          mode="drop")
 
 
 @jax.custom_vjp
