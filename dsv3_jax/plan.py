@@ -31,7 +31,8 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
   expert-parallel dispatch: R = X * cap rows per device, cap = tok_mb * min(k, E / X)
   (dropless) or ceil(cf * tok_mb * k / X) (capacity factor cf); DISPATCH_BUFFERS row buffers
   of D values (send, receive, grouped, returned, and their gradients) and FFN_BUFFERS of
-  F / T values (gate, up, their product and gradients), in c bytes;
+  F / T values (gate and up recomputed at the backward pass and their gradients: the live
+  buffers at the peak of XLA:CPU's V2-Lite step, `pipeline=2,expert=32`), in c bytes;
 - vocabulary: the head and embedding are FSDP-split along D and gathered whole for the
   step: VOCAB_COPIES * V / T * D * p. At the step's peak (inside the layers' backward
   pass) XLA still holds the head it gathered for the forward pass (the `all-gather` of
@@ -116,7 +117,7 @@ from sharding.mesh import AXES, MeshError, parse_mesh_spec
 GiB = 2**30
 HEADROOM = 0.08
 DISPATCH_BUFFERS = 6
-FFN_BUFFERS = 6
+FFN_BUFFERS = 4
 VOCAB_COPIES = 1
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
