@@ -32,7 +32,10 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
   (dropless) or ceil(cf * tok_mb * k / X) (capacity factor cf); DISPATCH_BUFFERS row buffers
   of D values (send, receive, grouped, returned, and their gradients) and FFN_BUFFERS of
   F / T values (gate and up recomputed at the backward pass and their gradients: the live
-  buffers at the peak of XLA:CPU's V2-Lite step, `pipeline=2,expert=32`), in c bytes;
+  buffers at the peak of XLA:CPU's V2-Lite step, `pipeline=2,expert=32`, on our tile loop), in
+  c bytes. On XLA:CPU with the BLAS grouped GEMM (dsv3_jax/layers/cpu_gmm.py; the planner is
+  told the platform by `python -m dsv3_jax.aot`) that step's peak holds 7 and 1
+  (`BUFFERS_BY_KERNEL`): the products are custom calls, nothing of the FFN is kept between;
 - vocabulary: the head and embedding are FSDP-split along D and gathered whole for the
   step: VOCAB_COPIES * V / T * D * p. At the step's peak (inside the layers' backward
   pass) XLA still holds the head it gathered for the forward pass (the `all-gather` of
@@ -118,6 +121,7 @@ GiB = 2**30
 HEADROOM = 0.08
 DISPATCH_BUFFERS = 6
 FFN_BUFFERS = 4
+BUFFERS_BY_KERNEL = {"blas": (7, 1)}  # (dispatch, FFN) row buffers where they differ
 VOCAB_COPIES = 1
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -269,12 +273,25 @@ def _dispatch_rows(setup: Setup, tokens: float) -> int:
     return int(X * max(1, min(tokens * min(k, E // X), math.ceil(setup.capacity_factor * tokens * k / X))))
 
 
-def estimate(setup: Setup) -> Estimate:
-    """Per-device memory and FLOPs of `setup` (formulas in the module docstring)."""
-    return _serve(setup) if setup.serve else _train(setup)
+def estimate(setup: Setup, platform: str | None = None) -> Estimate:
+    """Per-device memory and FLOPs of `setup` (formulas in the module docstring) on `platform`
+    ("tpu", "cuda"/"gpu" or "cpu": the routed experts' kernel, dsv3_jax/layers/platform_gmm.py,
+    sets the dispatch buffers; default an accelerator's)."""
+    buffers = _row_buffers(setup, platform)
+    return _serve(setup, buffers) if setup.serve else _train(setup, buffers)
 
 
-def _train(setup: Setup) -> Estimate:
+def _row_buffers(setup: Setup, platform: str | None) -> tuple[int, int]:
+    """(dispatch, FFN) row buffers of one MoE layer's working set for the experts' kernel."""
+    if platform is None:
+        return DISPATCH_BUFFERS, FFN_BUFFERS
+    from dsv3_jax.layers import platform_gmm
+    kernel = platform_gmm.choose("gpu" if platform == "cuda" else platform,
+                                 fp8=setup.precision == "fp8", dtype=setup.compute.dtype)
+    return BUFFERS_BY_KERNEL.get(kernel, (DISPATCH_BUFFERS, FFN_BUFFERS))
+
+
+def _train(setup: Setup, buffers: tuple[int, int]) -> Estimate:
     from dsv3_jax.train.flops import flops_per_token
     cfg, s = setup.config, setup.sizes
     P, M, S = setup.stages, setup.microbatches, setup.seq
@@ -297,7 +314,7 @@ def _train(setup: Setup) -> Estimate:
     R = _dispatch_rows(setup, tok_mb)
     F = cfg.moe_intermediate_size / T
     attention = attention_working_set(tok_mb, S, H / T, cfg.qk_head_dim, cfg.v_head_dim, c)
-    dispatch = R * (DISPATCH_BUFFERS * D + FFN_BUFFERS * F) * c
+    dispatch = R * (buffers[0] * D + buffers[1] * F) * c
     if setup.remat:
         parts["activations"] = int(held * D * c + attention + dispatch)
     else:  # every layer keeps its working set for the backward pass
@@ -343,7 +360,7 @@ def _cache_bytes_per_slot(setup: Setup) -> float:
     return layers / setup.stages * setup.seq * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * c
 
 
-def _serve(setup: Setup) -> Estimate:
+def _serve(setup: Setup, buffers: tuple[int, int]) -> Estimate:
     from dsv3_jax.train.flops import activated_matmul_params
     cfg, s = setup.config, setup.sizes
     shards = s["data"] * s["fsdp"] * s["expert"]
@@ -361,7 +378,7 @@ def _serve(setup: Setup) -> Estimate:
         return {"params": fixed["params"], "kv_cache": int(slots * per_slot),
                 "gathered": fixed["gathered"],
                 "activations": int(slots * shards * V * 4 * 2 + R * (
-                    DISPATCH_BUFFERS * cfg.hidden_size + FFN_BUFFERS * cfg.moe_intermediate_size / T) * c)}
+                    buffers[0] * cfg.hidden_size + buffers[1] * cfg.moe_intermediate_size / T) * c)}
 
     parts = parts_for(setup.batch // shards)
     attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * setup.seq / 2 * (

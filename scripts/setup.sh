@@ -41,3 +41,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" !
     .venv/bin/python -m pip install --quiet -e ".[$extras]"
     echo "$extras" > "$stamp"
 fi
+
+# The routed experts' CPU grouped GEMM (dsv3_jax/layers/cpu_gmm.py): built once with the C++
+# compiler and cached; where that fails, it says why and the experts use the pure-XLA loop.
+JAX_PLATFORMS=cpu .venv/bin/python -c 'from dsv3_jax.layers import cpu_gmm; cpu_gmm.main()' || true

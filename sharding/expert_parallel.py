@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.fp8 import QuantizedWeight, stored_order
 from dsv3_jax.layers import grouped_matmul as gm
-from dsv3_jax.layers.moe import expert_ffn
+from dsv3_jax.layers.moe import expert_ffn, expert_layout
 from sharding.mesh import platform as mesh_platform
 from sharding.rules import BlockAlignmentError, batch_axes
 
@@ -93,7 +93,8 @@ class ExpertParallelDispatcher:
             rows = jnp.repeat(x, k, axis=0)
             recv_x, recv_e, send_back = exchange(rows, local_e, dest, pos, keep, ep, cap, ep_axis)
             valid = recv_e >= 0
-            layout = gm.make_layout(jnp.where(valid, recv_e, 0), e_local, valid=valid)
+            layout = expert_layout(jnp.where(valid, recv_e, 0), e_local,
+                                   (w_gate, w_up, w_down), precision, valid=valid)
             # the tensor shards' partial products of the down projection are summed in fp32,
             # then rounded once, as the single-device product is (bf16 partial sums differed by
             # an ulp, which FP8's activation quantization can amplify into different tokens);

@@ -74,9 +74,11 @@ def test_fused_bf16_against_float64_oracle():
     np.testing.assert_allclose(dw_down[0], dw_down[1], rtol=2e-2, atol=2e-2)
 
 
-def test_expert_ffn_on_cpu_is_one_loop_forward_and_backward():
-    """The routed experts' FFN compiles to one tile loop forward and one backward (not three
-    and six), so a regression to the separate grouped matmuls shows here."""
+def test_expert_ffn_with_ours_is_one_loop_forward_and_backward():
+    """With ours the routed experts' FFN compiles to one tile loop forward and one backward
+    (not three and six), so a regression to the separate grouped matmuls shows here; with the
+    CPU BLAS kernel it is nine custom calls (three products, their dgrads and wgrads), no loop."""
+    from dsv3_jax.layers import cpu_gmm, platform_gmm
     from dsv3_jax.layers.linear import as_precision
     from dsv3_jax.layers.moe import expert_ffn
     ids, valid, x, ws = _problem()
@@ -86,5 +88,12 @@ def test_expert_ffn_on_cpu_is_one_loop_forward_and_backward():
     def loss(xs, *ws):
         return jnp.sum(expert_ffn(ws, xs, layout, as_precision(jnp.float32)) ** 2)
 
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(xs, *ws).as_text()
-    assert hlo.count("stablehlo.while") == 2, hlo.count("stablehlo.while")
+    def hlo(impl):
+        with platform_gmm.implementation(impl):
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(xs, *ws).as_text()
+
+    assert hlo("ours").count("stablehlo.while") == 2, hlo("ours").count("stablehlo.while")
+    if cpu_gmm.available():
+        text = hlo("blas")
+        assert text.count("stablehlo.while") == 0
+        assert text.count("stablehlo.custom_call @dsv3_grouped_gemm") == 9

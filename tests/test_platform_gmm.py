@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv3_jax.layers import cpu_gmm
 from dsv3_jax.layers import grouped_matmul as gm
 from dsv3_jax.layers.grouped_ffn import grouped_ffn
 from dsv3_jax.layers import platform_gmm
@@ -28,7 +29,9 @@ from sharding import make_mesh
 from sharding.expert_parallel import ExpertParallelDispatcher
 from tests.conftest import ROOT
 
-KERNELS = ["ragged_dot", pytest.param("tokamax", marks=pytest.mark.skipif(
+KERNELS = [pytest.param("blas", marks=pytest.mark.skipif(
+    not cpu_gmm.available(), reason=f"the CPU grouped GEMM kernel: {cpu_gmm.unavailable_reason()}")),
+           "ragged_dot", pytest.param("tokamax", marks=pytest.mark.skipif(
     not platform_gmm.have_tokamax(), reason='tokamax missing: pip install -e ".[tokamax]"'))]
 G, K, N, ROWS, TILE = 6, 24, 20, 40, 8
 
@@ -99,8 +102,45 @@ def test_bf16_operands_fp32_output_round_like_ours(impl):
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(ours[0]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not cpu_gmm.available() or not hasattr(jax, "enable_x64"),
+                    reason="no CPU grouped GEMM kernel, or no jax.enable_x64")
+def test_blas_kernel_in_float64_is_the_oracle():
+    """float64 operands run on the BLAS dgemm: every form equals the float64 oracle to 1e-12."""
+    ids, layout, x, w, dy = _problem(2)
+    y, dx, dw = _oracle(ids, x, w, dy)
+    with jax.enable_x64(True):
+        xb, dyb = (gm.scatter_rows(jnp.asarray(a), layout) for a in (x, dy))
+        s, t = layout.group_sizes, layout.tile
+        got = (cpu_gmm.grouped_gemm(xb, jnp.asarray(w), s, t, "forward"),
+               cpu_gmm.grouped_gemm(dyb, jnp.asarray(w), s, t, "dgrad"),
+               cpu_gmm.grouped_gemm(xb, dyb, s, t, "wgrad"))
+        assert all(g.dtype == jnp.float64 for g in got)
+        rows = [np.asarray(gm.gather_rows(g, layout)) for g in got[:2]]
+    for a, b in zip(rows + [np.asarray(got[2])], (y, dx, dw)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_blas_kernel_build_errors_name_the_cause(monkeypatch, tmp_path):
+    """No compiler, or a compile error: `build` says so (the compiler's own message), and
+    nothing half-written is left in the cache; a good build lands in $XDG_CACHE_HOME."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if cpu_gmm._compiler() is not None:
+        lib = cpu_gmm.build()
+        assert lib.parent == tmp_path / "dsv3_jax" and lib.stat().st_size > 0
+        broken = tmp_path / "broken.cc"
+        broken.write_text("this is not C++;\n")
+        monkeypatch.setattr(cpu_gmm, "_SOURCE", broken)
+        with pytest.raises(RuntimeError, match="broken.cc"):
+            cpu_gmm.build()
+        assert [p.name for p in (tmp_path / "dsv3_jax").iterdir()] == [lib.name]
+    monkeypatch.setattr(cpu_gmm, "_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        cpu_gmm.build()
+
+
 def test_choice_per_platform(monkeypatch):
-    assert platform_gmm.choose("cpu", fp8=False) == "ours"
+    cpu = "blas" if cpu_gmm.available() else "ours"
+    assert platform_gmm.choose("cpu", fp8=False) == cpu
     assert platform_gmm.choose("tpu", fp8=False) == "ragged_dot"
     for platform in ("cpu", "tpu", "gpu"):
         assert platform_gmm.choose(platform, fp8=True) == "ours"
@@ -114,13 +154,16 @@ def test_choice_per_platform(monkeypatch):
         assert platform_gmm.choose("gpu", fp8=False, device_kind=kind) == "ours"
     monkeypatch.setattr(platform_gmm, "have_tokamax", lambda: False)
     assert platform_gmm.choose("gpu", fp8=False, device_kind=h100) == "ours"
-    assert platform_gmm.current(fp8=False) == "ours"  # this process: CPU
+    assert platform_gmm.current(fp8=False) == cpu  # this process: CPU
     with platform_gmm.implementation("ragged_dot"):
         assert platform_gmm.current(fp8=False) == "ragged_dot"
         assert platform_gmm.current(fp8=True) == "ours"
     with pytest.raises(ValueError, match="allowed"):
         with platform_gmm.implementation("megablox"):
             pass
+    monkeypatch.setattr(cpu_gmm, "available", lambda: False)  # no compiler or BLAS: ours
+    assert platform_gmm.choose("cpu", fp8=False) == "ours"
+    assert platform_gmm.layout_tile("blas") == 1 and platform_gmm.layout_tile("ours") is None
 
 
 def _ffn_inputs(seed=0, d=16, f=12):
@@ -132,9 +175,10 @@ def _ffn_inputs(seed=0, d=16, f=12):
     return layout, x, ws
 
 
-def test_expert_ffn_on_cpu_is_ours_bit_for_bit():
-    """On CPU expert_ffn is ours exactly: the fused tile loop of grouped_ffn.py (itself equal
-    to the three grouped_matmul.py products, tests/test_grouped_ffn.py)."""
+def test_expert_ffn_with_ours_is_the_fused_tile_loop_bit_for_bit_and_blas_agrees():
+    """expert_ffn with ours is the fused tile loop of grouped_ffn.py exactly (itself equal to
+    the three grouped_matmul.py products, tests/test_grouped_ffn.py); with the CPU BLAS kernel
+    (the CPU default where it builds) it agrees up to fp32 summation order, gradients too."""
     layout, x, ws = _ffn_inputs()
     p = Precision(jnp.float32, False)
 
@@ -143,9 +187,16 @@ def test_expert_ffn_on_cpu_is_ours_bit_for_bit():
 
     loss = lambda f: lambda ws, x: jnp.sum(jnp.sin(f(ws, x)))  # noqa: E731
     new = lambda ws, x: expert_ffn(ws, x, layout, p)  # noqa: E731
-    for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss(new), (0, 1))(ws, x)),
-                    jax.tree.leaves(jax.value_and_grad(loss(old), (0, 1))(ws, x))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    want = jax.tree.leaves(jax.value_and_grad(loss(old), (0, 1))(ws, x))
+    with platform_gmm.implementation("ours"):
+        for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss(new), (0, 1))(ws, x)), want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if not cpu_gmm.available():
+        pytest.skip(f"the CPU grouped GEMM kernel: {cpu_gmm.unavailable_reason()}")
+    with platform_gmm.implementation(None):
+        assert "ffi_call" in _primitives(jax.grad(loss(new)), ws, x)
+        for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss(new), (0, 1))(ws, x)), want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def _primitives(fn, *args) -> set[str]:
@@ -175,8 +226,13 @@ def test_forced_kernel_reaches_expert_ffn_and_fp8_stays_ours():
         assert "ragged_dot_general" not in _primitives(grad(Precision(jnp.float32, False)), ws)
 
 
-@pytest.mark.parametrize("spec", ["data=2,expert=4", "data=2,tensor=2,expert=2"])
-def test_expert_parallel_dispatch_with_ragged_dot_matches_ours(spec):
+@pytest.mark.parametrize("impl,spec", [("ragged_dot", "data=2,expert=4"),
+                                       ("ragged_dot", "data=2,tensor=2,expert=2"),
+                                       pytest.param("blas", "data=2,tensor=2,expert=2",
+                                                    marks=pytest.mark.skipif(
+                                                        not cpu_gmm.available(),
+                                                        reason="no CPU grouped GEMM kernel"))])
+def test_expert_parallel_dispatch_with_a_platform_kernel_matches_ours(impl, spec):
     """The expert-parallel dispatcher (shard_map, check_vma=True) with the forced kernel: outputs
     and gradients (x and the three weight stacks, summed over batch and tensor shards) equal
     the same dispatch on ours."""
@@ -198,7 +254,7 @@ def test_expert_parallel_dispatch_with_ragged_dot_matches_ours(spec):
         with jax.set_mesh(mesh), platform_gmm.implementation(impl):
             return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, ws)
 
-    (l1, (y1, c1, d1)), g1 = run("ragged_dot")
+    (l1, (y1, c1, d1)), g1 = run(impl)
     (l0, (y0, c0, d0)), g0 = run("ours")
     assert int(d1) == 0 and np.array_equal(np.asarray(c1), np.asarray(c0))
     for a, b in zip(jax.tree.leaves((y1, g1)), jax.tree.leaves((y0, g0))):  # fp32 sum order

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(result.hlo_text)
-    estimate = plan.estimate(setup) if result.kind != "prefill" else None
+    estimate = plan.estimate(setup, target.platform) if result.kind != "prefill" else None
     out = dict(dataclasses.asdict(result), total=result.total,
                planner=estimate.as_dict() if estimate else None, setup=setup.describe(),
                routed_rows=routed_rows(setup, result.kind),

@@ -5,9 +5,10 @@ multiple of a tile of `tile` rows, so every tile belongs to exactly one expert. 
 multiplied by its own expert's weight, a chunk of tiles per iteration of a while loop that
 stops at the last tile holding rows (forward and backward, a custom VJP), so FLOPs and memory
 grow with the number of routed rows (plus at most `tile - 1` padding rows per expert), never
-with experts x tokens. This is "ours", the CPU choice of dsv3_jax/layers/platform_gmm.py (and
-the FP8 path everywhere): `jax.lax.ragged_dot` on XLA:CPU is a dense emulation whose cost
-grows with the number of groups (benchmarks/moe_speed.py, benchmarks/moe_scaling.py).
+with experts x tokens. This is "ours" in dsv3_jax/layers/platform_gmm.py: the FP8 path
+everywhere, and the CPU kernel where the BLAS one (cpu_gmm.py) cannot be built; pure XLA, so it
+runs on every backend (`jax.lax.ragged_dot` on XLA:CPU is a dense emulation whose cost grows
+with the number of groups: benchmarks/moe_speed.py, benchmarks/moe_scaling.py).
 """
 
 from __future__ import annotations

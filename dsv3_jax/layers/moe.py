@@ -143,8 +143,7 @@ def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout
     ours on CPU and for FP8, the platform's grouped GEMM on TPU and GPU)."""
     w_gate, w_up, w_down = weights
     dtype = precision.dtype
-    fp8 = precision.fp8 or isinstance(w_gate, QuantizedWeight)
-    impl = platform_gmm.current(fp8=fp8, dtype=dtype)
+    fp8, impl = _kernel(weights, precision)
     if impl == "ours" and not fp8:  # one loop over the tiles for the whole FFN
         return grouped_ffn(xs, w_gate, w_up, w_down, layout, dtype, out_dtype)
 
@@ -153,6 +152,20 @@ def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout
 
     g, u = matmul(xs, w_gate), matmul(xs, w_up)
     return matmul(jax.nn.silu(g) * u, w_down, out_dtype)
+
+
+def _kernel(weights, precision: Precision) -> tuple[bool, str]:
+    """Whether the experts run in FP8, and the grouped-matmul kernel they run on."""
+    fp8 = precision.fp8 or isinstance(weights[0], QuantizedWeight)
+    return fp8, platform_gmm.current(fp8=fp8, dtype=precision.dtype)
+
+
+def expert_layout(group_ids: Int[Array, "rows"], num_groups: int, weights, precision: Precision,
+                  valid=None) -> gm.GroupedLayout:
+    """The expert-grouped layout of routed rows, tiled as the experts' kernel wants it (exact
+    rows for the CPU BLAS kernel, `gm.choose_tile` otherwise)."""
+    tile = platform_gmm.layout_tile(_kernel(weights, precision)[1])
+    return gm.make_layout(group_ids, num_groups, tile=tile, valid=valid)
 
 
 def per_row_expert_ffn(weights, xs: Float[Array, "rows embed"], experts: Int[Array, "rows"],
@@ -195,7 +208,7 @@ class LocalDispatcher:
             y = routed.per_row(rows, flat)
             counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
         else:
-            layout = gm.make_layout(flat, num_experts)
+            layout = expert_layout(flat, num_experts, routed.weights, routed.precision)
             y = gm.gather_rows(routed(gm.scatter_rows(rows, layout), layout), layout)
             counts = layout.group_sizes
         return y.reshape(t, k, x.shape[-1]), counts, jnp.zeros((), jnp.int32)

@@ -5,7 +5,10 @@
 it depends on the backend being compiled for (the context mesh's devices, so an ahead-of-time
 compile for TPU or GPU on a CPU host chooses the target's kernel):
 
-- CPU: "ours", the tile-chunk loop of grouped_matmul.py (XLA:CPU has no grouped GEMM; its
+- CPU: "blas", the custom call of dsv3_jax/layers/cpu_gmm.py: a BLAS GEMM per expert on its
+  exact rows (forward, dgrad, wgrad), the experts in parallel on XLA:CPU's threads, on a
+  layout of one-row tiles (no padding). Where its C++ kernel cannot be built (no compiler, no
+  BLAS), "ours", the tile-chunk loop of grouped_matmul.py (XLA:CPU has no grouped GEMM; its
   `ragged_dot` is a dense [groups, rows, K] emulation).
 - TPU: "ragged_dot", `jax.lax.ragged_dot_general`, which the TPU compiler keeps as its own
   grouped-GEMM kernels (`ragged-dot` custom calls) for the forward, dgrad (ragged rows) and
@@ -52,10 +55,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from dsv3_jax.fp8 import QuantizedWeight
+from dsv3_jax.layers import cpu_gmm
 from dsv3_jax.layers import grouped_matmul as gm
 from sharding.mesh import platform as mesh_platform
 
-IMPLEMENTATIONS = ("ours", "ragged_dot", "tokamax")
+IMPLEMENTATIONS = ("ours", "blas", "ragged_dot", "tokamax")
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("grouped_matmul", default=None)
 # dx = dy w^T: rows ragged, w's N contracted, w's group dim picks the weight
 _DGRAD = jax.lax.RaggedDotDimensionNumbers(
@@ -97,8 +101,10 @@ def choose(platform: str, *, fp8: bool, dtype=jnp.bfloat16, device_kind: str = "
     """The grouped-matmul kernel for `platform` ("cpu", "gpu", "tpu"), FP8 or not, operands in
     `dtype`, on a device of `device_kind` (a GPU's: tokamax's kernels are Hopper's); see the
     module docstring."""
-    if fp8 or platform not in ("tpu", "gpu"):
+    if fp8:
         return "ours"
+    if platform not in ("tpu", "gpu"):
+        return "blas" if cpu_gmm.available() else "ours"
     if platform == "tpu":
         return "ragged_dot"
     hopper = re.search(r"\bG?H(100|200|800|20)\b", device_kind) is not None
@@ -126,6 +132,13 @@ def current(*, fp8: bool, dtype=jnp.bfloat16) -> str:
                                    device_kind=_device_kind())
 
 
+def layout_tile(impl: str) -> int | None:
+    """The tile of the expert-grouped layout `impl` runs on: one row for "blas" (it multiplies
+    exact rows, so padding would only grow the buffer, its row gathers and the SwiGLU between
+    the products), else None (`grouped_matmul.choose_tile`: tiles near the mean group size)."""
+    return 1 if impl == "blas" else None
+
+
 def padded_group_sizes(layout: gm.GroupedLayout) -> Int[Array, "groups"]:
     """Rows each group occupies in the layout's buffer: its routed rows rounded up to the tile."""
     return (-(-layout.group_sizes // layout.tile) * layout.tile).astype(jnp.int32)
@@ -147,13 +160,15 @@ def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"],
     if impl == "tokamax" and not have_tokamax():
         raise ValueError('grouped matmul "tokamax": the package is not installed '
                          '(pip install -e ".[tokamax]")')
+    if impl == "blas" and not cpu_gmm.available():
+        raise ValueError(f'grouped matmul "blas": {cpu_gmm.unavailable_reason()}')
     x, w = x.astype(dtype), w.astype(dtype)
     # Inside shard_map, x and w get the same varying axes before the custom VJP (as in
     # grouped_matmul.py): the implicit broadcasts transpose to the psums of dx over tensor
     # shards and of dW over batch shards.
     x, w = _vary_like(x, w), _vary_like(w, x)
-    sizes = _vary_like(padded_group_sizes(layout), x)
-    return _platform_gmm(x, w, sizes, impl, jnp.dtype(out_dtype).name, _platform())
+    sizes = _vary_like(layout.group_sizes.astype(jnp.int32), x)
+    return _platform_gmm(x, w, sizes, impl, jnp.dtype(out_dtype).name, _platform(), layout.tile)
 
 
 def _vary_like(x, *deps):
@@ -182,31 +197,37 @@ def _rows_in_groups(y, sizes):
     return jnp.where((jnp.arange(y.shape[0]) < sizes.sum())[:, None], y, jnp.zeros((), y.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _platform_gmm(x, w, sizes, impl, out_dtype, platform):
-    y = _ragged(impl, platform, x, w, sizes, _FORWARD)
-    return _rows_in_groups(y, sizes).astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _platform_gmm(x, w, group_sizes, impl, out_dtype, platform, tile):
+    return _ragged(impl, platform, tile, x, w, group_sizes, "forward").astype(out_dtype)
 
 
-def _platform_gmm_fwd(x, w, sizes, impl, out_dtype, platform):
-    return _platform_gmm(x, w, sizes, impl, out_dtype, platform), (x, w, sizes)
+def _platform_gmm_fwd(x, w, group_sizes, impl, out_dtype, platform, tile):
+    return (_platform_gmm(x, w, group_sizes, impl, out_dtype, platform, tile),
+            (x, w, group_sizes))
 
 
-def _platform_gmm_bwd(impl, out_dtype, platform, res, dy):
-    x, w, sizes = res
+def _platform_gmm_bwd(impl, out_dtype, platform, tile, res, dy):
+    x, w, group_sizes = res
     dy = dy.astype(x.dtype)
-    dx = _rows_in_groups(_ragged(impl, platform, dy, w, sizes, _DGRAD), sizes).astype(x.dtype)
-    dw = _ragged(impl, platform, x, dy, sizes, _WGRAD).astype(w.dtype)
+    dx = _ragged(impl, platform, tile, dy, w, group_sizes, "dgrad").astype(x.dtype)
+    dw = _ragged(impl, platform, tile, x, dy, group_sizes, "wgrad").astype(w.dtype)
     return dx, dw, None
 
 
 _platform_gmm.defvjp(_platform_gmm_fwd, _platform_gmm_bwd)
 
 
-def _ragged(impl: str, platform: str, lhs, rhs, sizes, dims) -> jax.Array:
-    """One fp32-accumulated grouped GEMM (forward, dgrad or wgrad form) by `impl`; inside
-    shard_map typed as varying like its operands (a kernel's custom call may drop that type)."""
+def _ragged(impl: str, platform: str, tile: int, lhs, rhs, group_sizes, form: str) -> jax.Array:
+    """One fp32-accumulated grouped GEMM (`form`: forward, dgrad or wgrad) by `impl` over a
+    layout's buffers (groups of `group_sizes` rows, each padded to a multiple of `tile`); the
+    rows past the last group zero; inside shard_map typed as varying like its operands (a
+    kernel's custom call may drop that type)."""
+    if impl == "blas":  # the exact rows only; it writes the padding rows as zeros
+        return _vary_like(cpu_gmm.grouped_gemm(lhs, rhs, group_sizes, tile, form), lhs, rhs)
     f32 = jnp.float32
+    sizes = (-(-group_sizes // tile) * tile).astype(jnp.int32)  # with their padding rows
+    dims = {"forward": _FORWARD, "dgrad": _DGRAD, "wgrad": _WGRAD}[form]
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=f32)
     else:  # tokamax
@@ -217,4 +238,6 @@ def _ragged(impl: str, platform: str, lhs, rhs, sizes, dims) -> jax.Array:
         kernel = "mosaic_gpu" if platform == "gpu" else "xla"
         out = tokamax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=f32,
                                          implementation=kernel)
+    if form != "wgrad":
+        out = _rows_in_groups(out, sizes)
     return _vary_like(out, lhs, rhs)
