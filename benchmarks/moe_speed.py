@@ -3,6 +3,7 @@
 
     python benchmarks/moe_speed.py                        # configs/moe-64e.json at 16, 64, 256 experts
     python benchmarks/moe_speed.py --experts 64 --repeats 3 --no-append
+    python benchmarks/moe_speed.py --kernels blas,ours    # ours on each grouped-matmul kernel
 
 The model is configs/moe-64e.json (49M parameters at 64 experts: V3-shaped, 8 layers of which
 1 dense, top-6 of 8 groups with 4 kept, one shared expert, no MTP) with `n_routed_experts`
@@ -25,6 +26,9 @@ The table gives medians over rounds, tokens/s, achieved GFLOP/s (6 x activated m
 + attention per token, dsv3_jax/train/flops.py; forward a third of it) next to this machine's
 measured fp32 matmul peak (best of jnp.dot on 2048 x 2048), ours / PyTorch speed ratios (> 1:
 we are faster) and the MoE layer's time at each expert count relative to 16 experts.
+Ours runs the routed experts on the platform's grouped-matmul kernel (dsv3_jax/layers/
+platform_gmm.py: on CPU the BLAS custom call of cpu_gmm.py, else the tile loop); --kernels times
+each named kernel as its own row.
 """
 
 from __future__ import annotations
@@ -45,20 +49,26 @@ HF_SCRIPT = ROOT / "benchmarks" / "hf_train_step.py"
 
 
 def jax_worker(args) -> int:
-    """Time our forward, training step and MoE layer; print one JSON line."""
+    """Time our forward, training step and MoE layer (on --kernel); print one JSON line."""
+    from dsv3_jax.host_memory import keep_freed_memory
+    keep_freed_memory()  # as train.py and serve.py, before JAX starts
+    from dsv3_jax.layers import platform_gmm
+    with platform_gmm.implementation(args.kernel or None):  # traced inside: the kernel used
+        return _time_ours(args)
+
+
+def _time_ours(args) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     import dsv3_jax
-    from dsv3_jax.host_memory import keep_freed_memory
     from dsv3_jax.layers.moe import MoE
     from dsv3_jax.train.flops import flops_per_token
     from dsv3_jax.train.optimizer import make_optimizer
     from dsv3_jax.train.step import train_step
 
-    keep_freed_memory()  # as train.py and serve.py, before JAX starts
     cfg = dsv3_jax.ModelConfig.from_json(args.config)
     model = dsv3_jax.init_model(cfg, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -98,12 +108,20 @@ def jax_worker(args) -> int:
 
 
 def run_one(impl: str, args, config: Path, threads: int) -> dict:
-    """One fresh subprocess of `impl` on `config`; its parsed JSON line."""
+    """One fresh subprocess of `impl` ("ours", "ours:KERNEL" or "transformers") on `config`;
+    its parsed JSON line."""
     common = ["--config", str(config), "--batch", str(args.batch), "--seq", str(args.seq),
               "--iters", str(args.iters), "--moe-tokens", str(args.moe_tokens),
               "--threads", str(threads)]
-    return side_by_side(impl, __file__, HF_SCRIPT, args.transformers_python, common, threads,
-                        omp_wait_policy="")
+    if impl.startswith("ours:"):
+        common += ["--kernel", impl.split(":", 1)[1]]
+    return side_by_side("ours" if impl.startswith("ours") else impl, __file__, HF_SCRIPT,
+                        args.transformers_python, common, threads, omp_wait_policy="")
+
+
+def _label(impl: str) -> str:
+    return "transformers" if impl == "transformers" else (
+        "dsv3-jax" + (f" ({impl.split(':', 1)[1]})" if ":" in impl else ""))
 
 
 def main() -> int:
@@ -118,18 +136,22 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=usable_cores())
     ap.add_argument("--transformers-python", default="/work/fixenv/bin/python")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernels", default="", help="comma-separated grouped-matmul kernels of "
+                    "ours, one row each (dsv3_jax/layers/platform_gmm.py; default the platform's)")
+    ap.add_argument("--kernel", default="", help=argparse.SUPPRESS)
     ap.add_argument("--no-append", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return jax_worker(args)
 
-    impls = ["ours", "transformers"]
+    ours = [f"ours:{k}" for k in args.kernels.split(",") if k] or ["ours"]
+    impls = ours + ["transformers"]
     if not Path(args.transformers_python).exists():
         print(f"NOTE: --transformers-python {args.transformers_python} not found; timing only "
               "ours (the venv: python3.11 + torch 2.13.0 CPU + transformers, see "
               "benchmarks/hf_train_step.py).")
-        impls = ["ours"]
+        impls = ours
     base = json.loads((ROOT / args.config).read_text())
     load_before = os.getloadavg()[0]
     results, peaks = {}, []
@@ -142,7 +164,7 @@ def main() -> int:
                     res = run_one(impl, args, config, args.threads)
                     results.setdefault((e, impl), []).append(res)
                     peaks += [res["matmul_peak_gflops"]] if "matmul_peak_gflops" in res else []
-                    print(f"  {e} experts round {r + 1}: {impl:12s} forward {res['forward_s']:.3f} s"
+                    print(f"  {e} experts round {r + 1}: {_label(impl):18s} forward {res['forward_s']:.3f} s"
                           f"  step {res['step_s']:.3f} s  MoE layer {res['moe_layer_s']:.3f} s",
                           flush=True)
 
@@ -155,13 +177,13 @@ def main() -> int:
                "step speed vs PyTorch"]
     rows = []
     for e in experts:
-        flops = results[(e, "ours")][0]["flops_per_token"]
+        flops = results[(e, ours[0])][0]["flops_per_token"]
         for impl in impls:
             p = part[(e, impl)]
             ref16 = part.get((min(experts), impl), p)["moe_layer_s"]
             vs = lambda k: (f"{part[(e, 'transformers')][k] / p[k]:.2f}x"  # noqa: E731
-                            if impl == "ours" and len(impls) == 2 else "")
-            rows.append([e, "dsv3-jax" if impl == "ours" else "transformers",
+                            if impl != "transformers" and "transformers" in impls else "")
+            rows.append([e, _label(impl),
                          f"{results[(e, impl)][0]['params'] / 1e6:.1f}M", f"{p['forward_s']:.3f}",
                          f"{p['step_s']:.3f}", f"{tokens / p['step_s']:.0f}",
                          f"{tokens * flops / p['step_s'] / 1e9:.0f}", f"{p['moe_layer_s']:.3f}",

@@ -248,7 +248,7 @@ def dense_attention(q_nope, q_pe, k_nope, k_pe, v, *, scale: float, q_offset=Non
     """The same function with the whole [batch, heads, sq, sk] score matrix: the oracle
     (differentiated by autodiff through the forward pass `one_block_attention` also runs)."""
     mask = _whole_mask(q_nope, k_nope, q_offset, kv_len, q_segment_ids, kv_segment_ids)
-    return _one_block_fwd(float(scale), q_nope, q_pe, k_nope, k_pe, v, mask)[0]
+    return _one_block_fwd(float(scale), *_concat_heads(q_nope, q_pe, k_nope, k_pe), v, mask)[0]
 
 
 def one_block_attention(q_nope: Float[Array, "batch sq heads nope"],
@@ -264,9 +264,12 @@ def one_block_attention(q_nope: Float[Array, "batch sq heads nope"],
     """`dense_attention`'s function with its backward pass written out (a custom VJP): the
     products that contract over query rows (dV, dK) read the probabilities and their gradient
     transposed once, written out, so XLA:CPU runs row-major batched GEMMs instead of the slower
-    transposed-operand contractions autodiff of the dense form gives it."""
+    transposed-operand contractions autodiff of the dense form gives it. The scores are one
+    product of the concatenated query and key (`_concat_heads`, as transformers computes them):
+    two products summed cost XLA:CPU a transposed copy of the rope part's [batch, heads, sq, sk]
+    scores (one layer of benchmarks/moe_speed.py: 2x PyTorch's attention time)."""
     mask = _whole_mask(q_nope, k_nope, q_offset, kv_len, q_segment_ids, kv_segment_ids)
-    return _one_block(float(scale), q_nope, q_pe, k_nope, k_pe, v, mask)
+    return _one_block(float(scale), *_concat_heads(q_nope, q_pe, k_nope, k_pe), v, mask)
 
 
 def _whole_mask(q_nope, k_nope, q_offset, kv_len, q_seg, k_seg) -> jax.Array:
@@ -276,30 +279,29 @@ def _whole_mask(q_nope, k_nope, q_offset, kv_len, q_seg, k_seg) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _one_block(scale, qn, qp, kn, kp, v, mask):
-    return _one_block_fwd(scale, qn, qp, kn, kp, v, mask)[0]
+def _one_block(scale, q, k, v, mask):
+    return _one_block_fwd(scale, q, k, v, mask)[0]
 
 
-def _one_block_fwd(scale, qn, qp, kn, kp, v, mask):
-    s = _scores(qn, qp, kn, kp, scale)
+def _one_block_fwd(scale, q, k, v, mask):
+    """q [b, sq, h, d], k [b, sk, h, d]: MLA's nope and rope parts concatenated."""
+    s = _dot("bqhd,bkhd->bhqk", q, k) * scale
     p = jax.nn.softmax(jnp.where(mask[:, None], s, _NEG), axis=-1)  # [b, h, q, k] fp32
     out = _dot("bhqk,bkhd->bqhd", p.astype(v.dtype), v).astype(v.dtype)
-    return out, (qn, qp, kn, kp, v, p)  # p is zero where the mask hides a key
+    return out, (q, k, v, p)  # p is zero where the mask hides a key
 
 
 def _one_block_bwd(scale, res, dout):
-    qn, qp, kn, kp, v, p = res
+    q, k, v, p = res
     dout = dout.astype(v.dtype)
     rows_last = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # noqa: E731
     dv = _dot("bhkq,bqhd->bkhd", rows_last(p.astype(v.dtype)), dout)
     dp = _dot("bqhd,bkhd->bhqk", dout, v)
     ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale
-    ds_t = rows_last(ds.astype(qn.dtype))
-    ds = ds.astype(qn.dtype)
-    return (_dot("bhqk,bkhd->bqhd", ds, kn).astype(qn.dtype),
-            _dot("bhqk,bkr->bqhr", ds, kp).astype(qp.dtype),
-            _dot("bhkq,bqhd->bkhd", ds_t, qn).astype(kn.dtype),
-            _dot("bhkq,bqhr->bkr", ds_t, qp).astype(kp.dtype),
+    ds_t = rows_last(ds.astype(q.dtype))
+    ds = ds.astype(q.dtype)
+    return (_dot("bhqk,bkhd->bqhd", ds, k).astype(q.dtype),
+            _dot("bhkq,bqhd->bkhd", ds_t, q).astype(k.dtype),
             dv.astype(v.dtype), None)
 
 

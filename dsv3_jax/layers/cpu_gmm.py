@@ -162,7 +162,8 @@ def grouped_gemm(lhs: Float[Array, "size a"], rhs: Float[Array, "..."],
         shape = (groups, lhs.shape[1], rhs.shape[1])
     else:
         raise ValueError(f"grouped GEMM form {form!r}; allowed {tuple(FORMS)}")
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(shape, dtype))
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(shape, dtype),
+                            vmap_method="sequential")  # under vmap: one call per element
     return call(lhs, rhs, group_sizes.astype(jnp.int32), mode=np.int64(FORMS[form]),
                 tile=np.int64(tile))
 
