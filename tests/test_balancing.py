@@ -59,6 +59,7 @@ def _imbalance_before_and_after(gamma: float) -> tuple[np.ndarray, np.ndarray]:
     return start, np.asarray(load_imbalance(forward(model, held_out)))
 
 
+@pytest.mark.slow  # CI time: tests/test_train_parts.py balances the same skew by the bias rule alone
 def test_bias_update_balances_a_skewed_gate_while_training():
     start, end = _imbalance_before_and_after(0.01)
     print(np.round(start, 2), np.round(end, 2))

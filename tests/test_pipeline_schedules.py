@@ -5,8 +5,9 @@ single-device model, on 8 CPU devices: same loss and parts, per-parameter gradie
 Stacks: the v3_mtp fixture with a 512-token vocabulary; 1 dense + 6 MoE layers split evenly
 over 2 stages and unevenly over 4 (2 layers before the pipeline) and over dualpipev's 4
 chunks of pipeline=2 (2 before); 1 dense + 8 MoE layers for dualpipev's 8 chunks of
-pipeline=4 (even). The non-slow part: 1F1B on pipeline=2,expert=4 (gradients without MTP, 10
-training steps with it); `pytest -m slow` runs every schedule on both acceptance meshes.
+pipeline=4 (even). The non-slow part: 1F1B on pipeline=2,expert=4, gradients without MTP (CI
+time: its 10 training steps with MTP are slow, as tests/test_pipeline.py trains GPipe through
+train.py's loop); `pytest -m slow` runs every schedule on both acceptance meshes.
 """
 
 import json
@@ -113,6 +114,7 @@ def _train(corpus, cfg, out, **kw):
 _SINGLE = {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule,mesh_spec", CASES)
 def test_schedule_training_matches_single_device(schedule, mesh_spec, corpus, tmp_path_factory):
     """Trajectories equal to rel. 1e-5 as long as no routing decision sits within rounding of a

@@ -54,9 +54,10 @@ def _grads_by_path(grads):
     return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
 
 
-# CI time: fsdp=2,expert=4 with -m slow
-@pytest.mark.parametrize("spec", [MESHES[0], pytest.param(MESHES[1], marks=pytest.mark.slow),
-                                  MESHES[2]])
+# CI time: data=2,expert=4 and fsdp=2,expert=4 with -m slow (data=2,tensor=2,expert=2 has
+# the batch and expert splits of the first, and a tensor split)
+@pytest.mark.parametrize("spec", [pytest.param(MESHES[0], marks=pytest.mark.slow),
+                                  pytest.param(MESHES[1], marks=pytest.mark.slow), MESHES[2]])
 def test_sharded_forward_and_gradients_match_single_device(spec, reference):
     mesh = make_mesh(spec)
     loss, out, grads = _run(init_model(CFG, seed=0, mesh=mesh), mesh)
