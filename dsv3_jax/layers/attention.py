@@ -174,10 +174,11 @@ def one_block_attention(q_nope: Float[Array, "batch sq heads nope"],
                         q_segment_ids: Int[Array, "batch sq"] | None = None,
                         kv_segment_ids: Int[Array, "batch sk"] | None = None
                         ) -> Float[Array, "batch sq heads dv"]:
-    """`dense_attention`'s function with its backward pass written out (a custom VJP): the
-    products that contract over query rows (dV, dK) read the probabilities and their gradient
-    transposed once, written out, so XLA:CPU runs row-major batched GEMMs instead of the slower
-    transposed-operand contractions autodiff of the dense form gives it. The scores are one
+    """`dense_attention`'s function with its backward pass written out (a custom VJP: the
+    probabilities saved, the softmax's gradient in one expression, the scale on dq and dk;
+    forward + backward of one layer of benchmarks/moe_speed.py's model 15 vs 22 ms by autodiff
+    of the dense form; transposing the probabilities behind an optimization barrier first, which
+    helped XLA:CPU's older dot emitter, now costs it 20 ms). The scores are one
     product of the concatenated query and key (`_concat_heads`, as transformers computes them):
     two products summed cost XLA:CPU a transposed copy of the rope part's [batch, heads, sq, sk]
     scores (one layer of benchmarks/moe_speed.py: 2x PyTorch's attention time)."""
@@ -207,14 +208,13 @@ def _one_block_fwd(scale, q, k, v, mask):
 def _one_block_bwd(scale, res, dout):
     q, k, v, p = res
     dout = dout.astype(v.dtype)
-    rows_last = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))  # noqa: E731
-    dv = _dot("bhkq,bqhd->bkhd", rows_last(p.astype(v.dtype)), dout)
+    dv = _dot("bhqk,bqhd->bkhd", p.astype(v.dtype), dout)
     dp = _dot("bqhd,bkhd->bhqk", dout, v)
-    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale
-    ds_t = rows_last(ds.astype(q.dtype))
-    ds = ds.astype(q.dtype)
-    return (_dot("bhqk,bkhd->bqhd", ds, k).astype(q.dtype),
-            _dot("bhkq,bqhd->bkhd", ds_t, q).astype(k.dtype),
+    ds = (p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))).astype(q.dtype)
+    # the scale multiplies dq and dk, not the [b, h, q, k] ds (XLA:CPU materialised it as a
+    # broadcast operand there)
+    return ((_dot("bhqk,bkhd->bqhd", ds, k) * scale).astype(q.dtype),
+            (_dot("bhqk,bqhd->bkhd", ds, q) * scale).astype(k.dtype),
             dv.astype(v.dtype), None)
 
 
