@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from dsv3_jax import ModelConfig, init_model
@@ -191,3 +192,23 @@ def test_held_out_loss_is_the_mean_over_every_scored_prediction():
             if c.mask[i + 1]:
                 total, count = total - logp[i, c.ids[i + 1]], count + 1
     assert abs(got - total / count) < 1e-5 * (total / count), (got, total / count)
+
+
+def test_clip_by_global_norm_is_optaxs_up_to_rounding():
+    """Our clip (one factor multiplied in) against optax's (a division): the same state, norms
+    under the limit untouched bit for bit, over it scaled to the limit."""
+    from dsv3_jax.train.optimizer import clip_by_global_norm
+    rng = np.random.default_rng(0)
+    tree = {"a": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+    ours, ref = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert ours.init(tree) == ref.init(tree)
+    for scale in (1e-2, 10.0):
+        t = jax.tree.map(lambda x: x * scale, tree)
+        got, want = ours.update(t, ours.init(t))[0], ref.update(t, ref.init(t))[0]
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+        if scale < 1:
+            assert all(np.array_equal(g, x) for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(t)))
+        else:
+            assert abs(float(optax.tree.norm(got)) - 1.0) < 1e-6
