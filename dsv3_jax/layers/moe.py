@@ -140,7 +140,7 @@ def expert_ffn(weights, xs: Float[Array, "size embed"], layout: gm.GroupedLayout
     """SwiGLU of each tile of rows with its own expert's (gate, up, down) weights; the output
     in `out_dtype` (default the compute dtype; fp32 for partial sums over a split FFN width).
     The grouped matmuls run on the compile target's kernel (dsv3_jax/layers/platform_gmm.py:
-    ours on CPU and for FP8, the platform's grouped GEMM on TPU and GPU)."""
+    the BLAS custom call on CPU, ours for FP8, the platform's grouped GEMM on TPU and GPU)."""
     w_gate, w_up, w_down = weights
     dtype = precision.dtype
     fp8, impl = _kernel(weights, precision)
