@@ -8,11 +8,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <thread>
-#include <cstring>
 #include <vector>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -110,6 +111,9 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
                 ffi::Buffer<ffi::S32> sizes, ffi::Result<ffi::AnyBuffer> out, int64_t mode,
                 int64_t tile) {
   auto ld = lhs.dimensions(), rd = rhs.dimensions();
+  if (mode < 0 || mode > 2 || tile < 1 || ld.size() != 2 || rd.size() != (mode == 2 ? 2 : 3) ||
+      out->dimensions().size() != (mode == 2 ? 3 : 2) || sizes.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("cpu grouped gemm: bad mode, tile or operand ranks");
   int64_t size = ld[0], groups = sizes.dimensions()[0];
   int64_t K = mode == 1 ? rd[1] : ld[1];
   int64_t N = mode == 2 ? rd[1] : rd[2];
