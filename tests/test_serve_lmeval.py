@@ -82,6 +82,7 @@ def _encode_pair(tok, context: str, continuation: str):
     return ctx, whole[len(ctx):]
 
 
+@pytest.mark.slow  # CI time: tests/test_serve_openai.py checks the echo logprobs lm-eval reads
 def test_lm_eval_local_completions_matches_the_models_logits(served, tmp_path, monkeypatch):
     """The issue's acceptance: lm-eval runs a loglikelihood task and a generate_until task
     against the server with batch size 8; its loglikelihoods equal the log-softmax of

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from dsv3_jax import ModelConfig, init_model
@@ -104,6 +105,7 @@ def test_flops_per_token_matches_the_report():
     assert mfu(1000.0, v3, 4096) is None  # CPU: no known peak
 
 
+@pytest.mark.slow  # CI time: tests/test_packing.py checks accumulated micro-batches' normalisation
 def test_accumulated_step_equals_one_big_step_and_moves_the_bias_once():
     """accumulate=2 over two halves == one batch: same loss, parameters, and ONE bias update
     from the step's total expert counts (the bias is constant inside the step)."""
