@@ -69,6 +69,9 @@ def test_bias_update_balances_a_skewed_gate_while_training():
 
 @pytest.mark.slow
 def test_without_the_bias_update_the_skew_stays():
-    """The control (CI time: slow): training alone does not balance the skewed gate."""
+    """The control (CI time: slow): training alone does not balance the skewed gate: no layer
+    gets as balanced as the bias update makes every layer (< 1.5), and the most skewed stays
+    above 3. (Training does pull the first layer down, to ~2.0 since at least bb53951: the
+    earlier bound, every layer above 2.5, no longer held.)"""
     start, end = _imbalance_before_and_after(0.0)
-    assert start.max() > 3.0 and end.min() > 2.5, (start, end)
+    assert start.max() > 3.0 and end.min() > 1.5 and end.max() > 3.0, (start, end)
