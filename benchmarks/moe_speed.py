@@ -164,9 +164,9 @@ def main() -> int:
                     res = run_one(impl, args, config, args.threads)
                     results.setdefault((e, impl), []).append(res)
                     peaks += [res["matmul_peak_gflops"]] if "matmul_peak_gflops" in res else []
-                    print(f"  {e} experts round {r + 1}: {_label(impl):18s} forward {res['forward_s']:.3f} s"
-                          f"  step {res['step_s']:.3f} s  MoE layer {res['moe_layer_s']:.3f} s",
-                          flush=True)
+                    print(f"  {e} experts round {r + 1}: {_label(impl):18s} forward "
+                          f"{res['forward_s']:.3f} s  step {res['step_s']:.3f} s  MoE layer "
+                          f"{res['moe_layer_s']:.3f} s", flush=True)
 
     tokens = args.batch * args.seq
     experts = sorted({e for e, _ in results})

@@ -56,7 +56,10 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    for name in (os.environ.get("CXX", "c++"), "g++", "clang++"):
+        if path := shutil.which(name):
+            return path
+    return None
 
 
 def build(verbose: bool = False) -> Path:

@@ -1,8 +1,8 @@
 """The routed experts' SwiGLU, fused per chunk of tiles: one pass over the grouped row buffer.
 
-`expert_ffn` with ours (dsv3_jax/layers/platform_gmm.py: CPU without the BLAS kernel) would run three
-grouped matmuls, each its own loop over the tiles of the expert-grouped buffer gathering its
-tiles' expert weights (dsv3_jax/layers/grouped_matmul.py), with the [size, width] gate and up
+`expert_ffn` with ours (dsv3_jax/layers/platform_gmm.py: CPU without the BLAS kernel) would run
+three grouped matmuls, each its own loop over the tiles of the expert-grouped buffer gathering
+its tiles' expert weights (dsv3_jax/layers/grouped_matmul.py), with the [size, width] gate and up
 products and their SwiGLU written out and read back in between; the backward pass is six such
 loops. Here one loop iteration takes a chunk of tiles through the whole FFN,
 
