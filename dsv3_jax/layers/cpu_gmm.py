@@ -62,7 +62,7 @@ def _compiler() -> str | None:
     return None
 
 
-def build(verbose: bool = False) -> Path:
+def build() -> Path:
     """The compiled kernel library (built once per source, jaxlib and compiler; cached)."""
     import jaxlib
     cxx = _compiler()
@@ -77,8 +77,7 @@ def build(verbose: bool = False) -> Path:
         lib = Path(tmp) / out.name
         cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
                str(_SOURCE), "-o", str(lib)]
-        if verbose:
-            print("cpu_gmm: building the CPU grouped GEMM kernel:", " ".join(cmd), flush=True)
+        _log.info("building the CPU grouped GEMM kernel (once): %s", " ".join(cmd))
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
