@@ -31,11 +31,12 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
   expert-parallel dispatch: R = X * cap rows per device, cap = tok_mb * min(k, E / X)
   (dropless) or ceil(cf * tok_mb * k / X) (capacity factor cf); DISPATCH_BUFFERS row buffers
   of D values (send, receive, grouped, returned, and their gradients) and FFN_BUFFERS of
-  F / T values (gate and up recomputed at the backward pass and their gradients: the live
-  buffers at the peak of XLA:CPU's V2-Lite step, `pipeline=2,expert=32`, on our tile loop), in
-  c bytes. On XLA:CPU with the BLAS grouped GEMM (dsv3_jax/layers/cpu_gmm.py; the planner is
-  told the platform by `python -m dsv3_jax.aot`) that step's peak holds 7 and 1
-  (`BUFFERS_BY_KERNEL`): the products are custom calls, nothing of the FFN is kept between;
+  F / T values (gate, up, their product and gradients), in c bytes. On XLA:CPU (the platform
+  `python -m dsv3_jax.aot --target cpu` tells the planner) the counts are those live at the
+  peak of its V2-Lite step (`pipeline=2,expert=32`, buffer live ranges of `--dump`), per
+  kernel (`BUFFERS_ON_CPU`): 6 and 4 on our tile loop (gate and up recomputed, their
+  gradients), 7 and 1 on the BLAS grouped GEMM (dsv3_jax/layers/cpu_gmm.py: the products are
+  custom calls, nothing of the FFN kept between them);
 - vocabulary: the head and embedding are FSDP-split along D and gathered whole for the
   step: VOCAB_COPIES * V / T * D * p. At the step's peak (inside the layers' backward
   pass) XLA still holds the head it gathered for the forward pass (the `all-gather` of
@@ -120,8 +121,8 @@ from sharding.mesh import AXES, MeshError, parse_mesh_spec
 GiB = 2**30
 HEADROOM = 0.08
 DISPATCH_BUFFERS = 6
-FFN_BUFFERS = 4
-BUFFERS_BY_KERNEL = {"blas": (7, 1)}  # (dispatch, FFN) row buffers where they differ
+FFN_BUFFERS = 6
+BUFFERS_ON_CPU = {"ours": (6, 4), "blas": (7, 1)}  # (dispatch, FFN) row buffers per kernel
 VOCAB_COPIES = 1
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -275,20 +276,20 @@ def _dispatch_rows(setup: Setup, tokens: float) -> int:
 
 def estimate(setup: Setup, platform: str | None = None) -> Estimate:
     """Per-device memory and FLOPs of `setup` (formulas in the module docstring) on `platform`
-    ("tpu", "cuda"/"gpu" or "cpu": the routed experts' kernel, dsv3_jax/layers/platform_gmm.py,
-    sets the dispatch buffers; default an accelerator's)."""
+    ("tpu", "cuda" or "cpu"; on "cpu" the routed experts' kernel,
+    dsv3_jax/layers/platform_gmm.py, sets the dispatch buffers; default an accelerator's)."""
     buffers = _row_buffers(setup, platform)
     return _serve(setup, buffers) if setup.serve else _train(setup, buffers)
 
 
 def _row_buffers(setup: Setup, platform: str | None) -> tuple[int, int]:
-    """(dispatch, FFN) row buffers of one MoE layer's working set for the experts' kernel."""
-    if platform is None:
+    """(dispatch, FFN) row buffers of one MoE layer's working set: XLA:CPU's per kernel, else
+    the accelerators' (the module docstring)."""
+    if platform != "cpu":
         return DISPATCH_BUFFERS, FFN_BUFFERS
     from dsv3_jax.layers import platform_gmm
-    kernel = platform_gmm.choose("gpu" if platform == "cuda" else platform,
-                                 fp8=setup.precision == "fp8", dtype=setup.compute.dtype)
-    return BUFFERS_BY_KERNEL.get(kernel, (DISPATCH_BUFFERS, FFN_BUFFERS))
+    kernel = platform_gmm.choose("cpu", fp8=setup.precision == "fp8", dtype=setup.compute.dtype)
+    return BUFFERS_ON_CPU.get(kernel, (DISPATCH_BUFFERS, FFN_BUFFERS))
 
 
 def _train(setup: Setup, buffers: tuple[int, int]) -> Estimate:

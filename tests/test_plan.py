@@ -99,6 +99,22 @@ def test_dispatch_rows_dropless_and_capacity():
     assert plan._dispatch_rows(s, 1000) == 32 * 250               # 1.0 * 1000 * 8 / 32
 
 
+def test_dispatch_buffers_follow_the_platform_and_the_cpu_kernel(monkeypatch):
+    """Accelerators (and no platform) count 6 token-width and 6 expert-width row buffers per
+    MoE layer; XLA:CPU what its step holds for the experts' kernel (ours 6 and 4, blas 7 and 1)."""
+    from dsv3_jax.layers import platform_gmm
+    s = plan.make_setup(V2, "expert=8", batch=8, seq=1024)
+    act = {p: plan.estimate(s, p).parts["activations"] for p in (None, "tpu", "cuda")}
+    assert act[None] == act["tpu"] == act["cuda"]
+    cfg, c = s.config, 2  # bf16 compute
+    rows = plan._dispatch_rows(s, 8 * 1024 / 8)
+    for kernel, (d, f) in (("ours", (6, 4)), ("blas", (7, 1))):
+        monkeypatch.setattr(platform_gmm, "choose", lambda *a, k=kernel, **kw: k)
+        got = plan.estimate(s, "cpu").parts["activations"]
+        want = act[None] + rows * ((d - 6) * cfg.hidden_size + (f - 6) * cfg.moe_intermediate_size) * c
+        assert abs(got - want) <= 1, (kernel, got, want)
+
+
 def test_v2_lite_train_step_compiles_for_64_devices_and_the_planner_agrees():
     """The real train step (GPipe over 2 stages, 32-way expert parallelism) compiles for a
     64-device simulated mesh under a 10 GiB address-space limit (V2-Lite: 63 GB of fp32
