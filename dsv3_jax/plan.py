@@ -28,15 +28,11 @@ Activations of one step (training; `--remat` keeps only each layer's input, the 
 - one layer's working set at its backward (the largest of the forward it recomputes):
   blockwise attention's `attention.working_set_bytes` (q, k, v, output and their gradients,
   512 x 512 fp32 score tiles; linear in S), and the
-  expert-parallel dispatch: R = X * cap rows per device, cap = tok_mb * min(k, E / X)
-  (dropless) or ceil(cf * tok_mb * k / X) (capacity factor cf); DISPATCH_BUFFERS row buffers
-  of D values (send, receive, grouped, returned, and their gradients) and FFN_BUFFERS of
-  F / T values (gate, up, their product and gradients), in c bytes. On XLA:CPU (the platform
-  `python -m dsv3_jax.aot --target cpu` tells the planner) the counts are those live at the
-  peak of its V2-Lite step (`pipeline=2,expert=32`, buffer live ranges of `--dump`), per
-  kernel (`BUFFERS_ON_CPU`): 6 and 4 on our tile loop (gate and up recomputed, their
-  gradients), 7 and 1 on the BLAS grouped GEMM (dsv3_jax/layers/cpu_gmm.py: the products are
-  custom calls, nothing of the FFN kept between them);
+  expert-parallel dispatch of tok_mb tokens (dsv3_jax/plan_dispatch.py): R = X * cap rows per
+  device, cap = tok_mb * min(k, E / X) (dropless) or ceil(cf * tok_mb * k / X) (capacity
+  factor cf); 6 row buffers of D values (send, receive, grouped, returned, and their
+  gradients) and 6 of F / T values (gate, up, their product and gradients), in c bytes
+  (on XLA:CPU the counts its step holds for the experts' kernel);
 - vocabulary: the head and embedding are FSDP-split along D and gathered whole for the
   step: VOCAB_COPIES * V / T * D * p. At the step's peak (inside the layers' backward
   pass) XLA still holds the head it gathered for the forward pass (the `all-gather` of
@@ -113,6 +109,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.attention import working_set_bytes as attention_working_set
+from dsv3_jax.plan_dispatch import dispatch_bytes, dispatch_rows, row_buffers
 from dsv3_jax.plan_state import (FSDP_AXES, fp8_layouts,  # noqa: F401
                                  gathered_layer_bytes, shard_elements, stage_layer_bytes, state_bytes, stored_fp8)
 from dsv3_jax.train.losses import loss_peak_bytes
@@ -120,9 +117,6 @@ from sharding.mesh import AXES, MeshError, parse_mesh_spec
 
 GiB = 2**30
 HEADROOM = 0.08
-DISPATCH_BUFFERS = 6
-FFN_BUFFERS = 6
-BUFFERS_ON_CPU = {"ours": (6, 4), "blas": (7, 1)}  # (dispatch, FFN) row buffers per kernel
 VOCAB_COPIES = 1
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -263,33 +257,12 @@ class Estimate:
                     capacity_slots=self.capacity_slots)
 
 
-def _dispatch_rows(setup: Setup, tokens: float) -> int:
-    """R: rows one device receives from the expert-parallel all-to-all (see the docstring)."""
-    cfg, X = setup.config, setup.sizes["expert"]
-    k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
-    if X == 1:
-        return int(tokens * k)
-    if setup.capacity_factor is None:
-        return int(X * tokens * min(k, E // X))
-    return int(X * max(1, min(tokens * min(k, E // X), math.ceil(setup.capacity_factor * tokens * k / X))))
-
-
 def estimate(setup: Setup, platform: str | None = None) -> Estimate:
     """Per-device memory and FLOPs of `setup` (formulas in the module docstring) on `platform`
     ("tpu", "cuda" or "cpu"; on "cpu" the routed experts' kernel,
     dsv3_jax/layers/platform_gmm.py, sets the dispatch buffers; default an accelerator's)."""
-    buffers = _row_buffers(setup, platform)
+    buffers = row_buffers(setup, platform)
     return _serve(setup, buffers) if setup.serve else _train(setup, buffers)
-
-
-def _row_buffers(setup: Setup, platform: str | None) -> tuple[int, int]:
-    """(dispatch, FFN) row buffers of one MoE layer's working set: XLA:CPU's per kernel, else
-    the accelerators' (the module docstring)."""
-    if platform != "cpu":
-        return DISPATCH_BUFFERS, FFN_BUFFERS
-    from dsv3_jax.layers import platform_gmm
-    kernel = platform_gmm.choose("cpu", fp8=setup.precision == "fp8", dtype=setup.compute.dtype)
-    return BUFFERS_ON_CPU.get(kernel, (DISPATCH_BUFFERS, FFN_BUFFERS))
 
 
 def _train(setup: Setup, buffers: tuple[int, int]) -> Estimate:
@@ -312,10 +285,9 @@ def _train(setup: Setup, buffers: tuple[int, int]) -> Estimate:
         held = before * tok + (M + P - 1) * (per_stage + 1) * tok_mb
     else:
         held = cfg.num_hidden_layers * tok
-    R = _dispatch_rows(setup, tok_mb)
-    F = cfg.moe_intermediate_size / T
+    R = dispatch_rows(setup, tok_mb)
     attention = attention_working_set(tok_mb, S, H / T, cfg.qk_head_dim, cfg.v_head_dim, c)
-    dispatch = R * (buffers[0] * D + buffers[1] * F) * c
+    dispatch = dispatch_bytes(setup, R, c, buffers)
     if setup.remat:
         parts["activations"] = int(held * D * c + attention + dispatch)
     else:  # every layer keeps its working set for the backward pass
@@ -370,16 +342,15 @@ def _serve(setup: Setup, buffers: tuple[int, int]) -> Estimate:
                         "(data x fsdp x expert) of the mesh")
     params, _, other = state_bytes(setup, setup.param_jnp)
     per_slot = _cache_bytes_per_slot(setup)
-    V, T = cfg.vocab_size, s["tensor"]
+    V = cfg.vocab_size
     c = 2 if setup.precision != "fp32" else 4
     fixed = {"params": params + other, "gathered": gathered_layer_bytes(setup, setup.param_jnp)}
 
     def parts_for(slots: int) -> dict[str, int]:  # slots per batch shard
-        R = _dispatch_rows(setup, slots)
+        R = dispatch_rows(setup, slots)
         return {"params": fixed["params"], "kv_cache": int(slots * per_slot),
                 "gathered": fixed["gathered"],
-                "activations": int(slots * shards * V * 4 * 2 + R * (
-                    buffers[0] * cfg.hidden_size + buffers[1] * cfg.moe_intermediate_size / T) * c)}
+                "activations": int(slots * shards * V * 4 * 2 + dispatch_bytes(setup, R, c, buffers))}
 
     parts = parts_for(setup.batch // shards)
     attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * setup.seq / 2 * (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import aot, plan, plan_cli
+from dsv3_jax import aot, plan, plan_cli, plan_dispatch
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_model
 from dsv3_jax.serve import cache as kv
@@ -94,9 +94,9 @@ def test_cli_verdict_and_mesh_search(capsys):
 
 def test_dispatch_rows_dropless_and_capacity():
     s = plan.make_setup(V3, "expert=32", batch=32, seq=128)
-    assert plan._dispatch_rows(s, 1000) == 32 * 1000 * 8          # min(k, E / X) = 8
+    assert plan_dispatch.dispatch_rows(s, 1000) == 32 * 1000 * 8          # min(k, E / X) = 8
     s = plan.make_setup(V3, "expert=32", batch=32, seq=128, capacity_factor=1.0)
-    assert plan._dispatch_rows(s, 1000) == 32 * 250               # 1.0 * 1000 * 8 / 32
+    assert plan_dispatch.dispatch_rows(s, 1000) == 32 * 250               # 1.0 * 1000 * 8 / 32
 
 
 def test_dispatch_buffers_follow_the_platform_and_the_cpu_kernel(monkeypatch):
@@ -107,7 +107,7 @@ def test_dispatch_buffers_follow_the_platform_and_the_cpu_kernel(monkeypatch):
     act = {p: plan.estimate(s, p).parts["activations"] for p in (None, "tpu", "cuda")}
     assert act[None] == act["tpu"] == act["cuda"]
     cfg, c = s.config, 2  # bf16 compute
-    rows = plan._dispatch_rows(s, 8 * 1024 / 8)
+    rows = plan_dispatch.dispatch_rows(s, 8 * 1024 / 8)
     for kernel, (d, f) in (("ours", (6, 4)), ("blas", (7, 1))):
         monkeypatch.setattr(platform_gmm, "choose", lambda *a, k=kernel, **kw: k)
         got = plan.estimate(s, "cpu").parts["activations"]
