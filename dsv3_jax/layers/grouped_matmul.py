@@ -79,7 +79,7 @@ def make_layout(group_ids: Int[Array, "rows"], num_groups: int, *, tile: int | N
     gid = jnp.where(valid, group_ids, num_groups)  # invalid rows go to a sentinel group
     counts = jnp.zeros((num_groups + 1,), jnp.int32).at[gid].add(1)
     group_sizes = counts[:num_groups]
-    padded = -(-group_sizes // tile) * tile
+    padded = padded_sizes(group_sizes, tile)
     padded_start = jnp.cumsum(padded) - padded
     rank = rank_within_group(gid, num_groups + 1)
     dest = jnp.where(valid, padded_start[jnp.minimum(gid, num_groups - 1)] + rank, size)
@@ -91,6 +91,11 @@ def make_layout(group_ids: Int[Array, "rows"], num_groups: int, *, tile: int | N
                          tile_group=tile_group.astype(jnp.int32),
                          group_sizes=group_sizes, used_tiles=(padded.sum() // tile).astype(jnp.int32),
                          tile=tile, size=size)
+
+
+def padded_sizes(group_sizes: Int[Array, "groups"], tile: int) -> Int[Array, "groups"]:
+    """Rows each group occupies in a layout's buffer: its rows rounded up to a multiple of tile."""
+    return (-(-group_sizes // tile) * tile).astype(jnp.int32)
 
 
 def scatter_rows(x: Float[Array, "rows d"], layout: GroupedLayout) -> Float[Array, "size d"]:

@@ -141,7 +141,7 @@ def layout_tile(impl: str) -> int | None:
 
 def padded_group_sizes(layout: gm.GroupedLayout) -> Int[Array, "groups"]:
     """Rows each group occupies in the layout's buffer: its routed rows rounded up to the tile."""
-    return (-(-layout.group_sizes // layout.tile) * layout.tile).astype(jnp.int32)
+    return gm.padded_sizes(layout.group_sizes, layout.tile)
 
 
 def grouped_matmul(x: Float[Array, "size k"], w: Float[Array, "groups k n"],
@@ -226,7 +226,7 @@ def _ragged(impl: str, platform: str, tile: int, lhs, rhs, group_sizes, form: st
     if impl == "blas":  # the exact rows only; it writes the padding rows as zeros
         return _vary_like(cpu_gmm.grouped_gemm(lhs, rhs, group_sizes, tile, form), lhs, rhs)
     f32 = jnp.float32
-    sizes = (-(-group_sizes // tile) * tile).astype(jnp.int32)  # with their padding rows
+    sizes = gm.padded_sizes(group_sizes, tile)  # with their padding rows
     dims = {"forward": _FORWARD, "dgrad": _DGRAD, "wgrad": _WGRAD}[form]
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=f32)
